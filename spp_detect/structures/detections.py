@@ -59,6 +59,12 @@ class Detections:
     def to_list(self, class_names: Sequence[str]) -> List[dict]:
         """JSON-ready ``[{label, score, box: [x1, y1, x2, y2]}]`` (continuous pixel frame)."""
         return [
-            {"label": class_names[int(label)], "score": float(score), "box": [float(v) for v in box]}
-            for box, score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist())
+            {
+                "label": class_names[int(label)],
+                "score": float(score),
+                "box": [float(v) for v in box],
+            }
+            for box, score, label in zip(
+                self.boxes.tolist(), self.scores.tolist(), self.labels.tolist()
+            )
         ]

@@ -1,0 +1,269 @@
+"""One configuration object for the detector, as frozen dataclasses with the paper's values.
+
+Every field carries the value of SPP-net (He et al. 2014, sec. 4.1 and the released SPP_net
+code) or R-CNN (Girshick et al. 2014) where SPP-net follows it; the comment says which. Files are
+YAML with the same nesting (``finetune: {lr: 0.001}``); command-line overrides are
+``KEY=VALUE`` with dotted keys (``finetune.lr=0.001``, ``model.scales=[480,688]``), parsed as
+YAML scalars and type-checked against the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import yaml
+
+__all__ = [
+    "ModelConfig",
+    "ProposalConfig",
+    "FinetuneConfig",
+    "SVMConfig",
+    "BBoxRegConfig",
+    "TestConfig",
+    "DetectorConfig",
+    "load_config",
+    "apply_overrides",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Backbone name for build_backbone: "zf5" (the paper's ZF-5), "efficientnet_lite0",
+    # "vgg16", "alexnet".
+    backbone: str = "zf5"
+    # Extra keyword arguments of build_backbone (e.g. {"out_stride": 16}).
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # Pyramid levels for detection, sec. 4.1: {6x6, 3x3, 2x2, 1x1} = 50 bins.
+    levels: Tuple[int, ...] = (6, 3, 2, 1)
+    # Test scales (shorter side, pixels), sec. 4.1: 688 for one scale; five scales are
+    # (480, 576, 688, 864, 1200) (the released code uses 874 for 864).
+    scales: Tuple[int, ...] = (688,)
+    # Cap on the longer side after resizing (the SPP_net code caps at 2000 pixels).
+    max_size: int = 2000
+    # Each window uses the scale at which its area is closest to target_size^2 (sec. 4.1: 224).
+    target_size: int = 224
+    # fc6 / fc7 width (ZF-5: 4096).
+    hidden: int = 4096
+    # Dropout after fc6 and fc7 during fine-tuning (ZF-5 / AlexNet: 0.5).
+    dropout: float = 0.5
+    # R-CNN baseline: context padding around each window before warping (R-CNN: 16 pixels).
+    context_pad: int = 16
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    # Selective search mode, "fast" as in R-CNN and SPP-net; "quality" on request.
+    mode: str = "fast"
+    # About 2,000 windows per image (sec. 4.1).
+    max_proposals: int = 2000
+    # Windows with a side below this many pixels are dropped (R-CNN drops tiny boxes).
+    min_size: int = 16
+    # Images are resized so their longer side is at most this before segmentation (0: never).
+    resize_to: int = 0
+    # Parallel workers for proposal computation.
+    jobs: int = 2
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    # Sec. 4.1: positives have IoU in [0.5, 1] with a ground-truth box ...
+    fg_thresh: float = 0.5
+    # ... negatives IoU in [0.1, 0.5).
+    bg_thresh_hi: float = 0.5
+    bg_thresh_lo: float = 0.1
+    # Mini-batches of 128 windows, 25% positives.
+    batch_size: int = 128
+    fg_fraction: float = 0.25
+    # lr 1e-4 for 250k mini-batches, then 1e-5 for 50k (on VOC07 trainval, 5,011 images).
+    lr: float = 1e-4
+    lr_step_factor: float = 0.1
+    step_fraction: float = 250 / 300
+    # Iterations scaled to the dataset: 300k mini-batches / 5,011 images = ~60 per image.
+    iters_per_image: float = 300000 / 5011
+    # Explicit iteration count (0: use iters_per_image).
+    iterations: int = 0
+    momentum: float = 0.9
+    # Caffe's weight decay in R-CNN's fine-tuning solver.
+    weight_decay: float = 5e-4
+    # New fc8 ((K+1)-way) initialised from a zero-mean Gaussian with std 0.01 (sec. 4.1).
+    init_std: float = 0.01
+    # Images whose windows feed one mini-batch (windows are drawn from several images).
+    images_per_batch: int = 8
+    # Training picks a random scale per window (the SPP_net code); False: the test-time rule.
+    random_scale: bool = True
+    # Skip fine-tuning entirely (use the fc layers as initialised; for ablations).
+    enabled: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    # R-CNN / SPP_net liblinear settings: C = 0.001, positive weight 2, bias multiplier 10.
+    C: float = 0.001
+    pos_weight: float = 2.0
+    bias_multiplier: float = 10.0
+    # fc7 features are scaled so that their mean L2 norm is 20 (R-CNN's feat_norm_mean).
+    feature_norm: float = 20.0
+    # Negatives: IoU < 0.3 with every positive of the class.
+    neg_iou_thresh: float = 0.3
+    # The paper drops a negative that overlaps another negative by more than 0.7.
+    dedup_negatives: bool = True
+    neg_overlap: float = 0.7
+    # Hard negative mining: enter the cache above -1.0001, leave it below -1.2.
+    hard_thresh: float = -1.0001
+    easy_thresh: float = -1.2
+    # Retrain every 2,000 images (R-CNN); scaled down automatically for small datasets.
+    retrain_every: int = 2000
+
+
+@dataclass(frozen=True)
+class BBoxRegConfig:
+    enabled: bool = True
+    # Ridge lambda: 4000 in the SPP_net code (R-CNN: 1000).
+    lambda_: float = 4000.0
+    # Training windows overlap a ground truth by more than 0.5 (SPP_net code; R-CNN: 0.6).
+    iou_thresh: float = 0.5
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    # "svm" (the paper) or "softmax" (the fine-tuned fc8).
+    classifier: str = "svm"
+    # Per-class NMS IoU threshold (sec. 4.1, R-CNN): 0.3.
+    nms_thresh: float = 0.3
+    # Detections scoring below this are dropped before NMS. The SVM margin is unbounded, so
+    # a low value keeps the recall that VOC AP rewards (R-CNN evaluates with no threshold).
+    score_thresh: float = -1.0
+    # Keep at most this many detections per image after NMS (R-CNN's test uses 100 per class;
+    # we cap per image).
+    max_per_image: int = 100
+    bbox_reg: bool = True
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    # Conv feature maps of training images are cached on disk in this dtype (sec. 4.1's cache).
+    feature_cache_dtype: str = "float16"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Optional[Dict[str, Any]]) -> "DetectorConfig":
+        return _build(cls, data or {}, "")
+
+    def replace(self, **kwargs: Any) -> "DetectorConfig":
+        return dataclasses.replace(self, **kwargs)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Coerce ``value`` to the field type ``tp`` or raise a ValueError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:  # Optional[...]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], key)
+    if origin in (tuple, Tuple):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_check_type(v, inner, key) for v in value)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]!s} (valid: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key + ".")
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def apply_overrides(config: DetectorConfig, overrides: Iterable[str]) -> DetectorConfig:
+    """Apply ``KEY=VALUE`` strings (dotted keys, YAML values) to a config.
+
+    Raises:
+        ValueError: a malformed override, an unknown key or a value of the wrong type.
+    """
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown config key {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown config key {key!r}")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: cannot parse value ({exc})") from None
+    return DetectorConfig.from_dict(data)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> DetectorConfig:
+    """Read a YAML config (missing keys keep the paper's defaults) and apply overrides."""
+    data: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return apply_overrides(DetectorConfig.from_dict(data), overrides)

@@ -1,0 +1,162 @@
+"""Detector training, stage by stage (SPP-net sec. 4.1; R-CNN's recipe):
+
+1. proposals for every training image (cached on disk);
+2. conv features (SPP-net: conv maps; R-CNN: pooled windows), cached on disk;
+3. fine-tuning of fc6, fc7 and a new (K+1)-way cls_score;
+4. per-class linear SVMs on fc7 with hard negative mining, and per-class box regressors on the
+   pooled conv features (one pass over the images);
+5. one self-contained ``model.pt``.
+
+Each finished stage leaves a checkpoint in the output folder, so a rerun with the same settings
+resumes after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from ..config import DetectorConfig
+from ..datasets.voc import VOCDataset
+from ..modeling.detector import build_detector
+from ..utils import atomic_torch_save, atomic_write_json, resolve_device
+from .features import weights_digest
+from .classifiers import train_svms_and_regressors
+from .inference import dataset_proposals
+from .finetune import finetune_head, make_training_images
+
+__all__ = ["train_detector", "make_feature_source"]
+
+logger = logging.getLogger(__name__)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_feature_source(detector, cache_dir: Path):
+    """The training feature source of a detector's method."""
+    if detector.method == "spp":
+        from .features import ConvFeatureCache
+        from .window_features import SPPWindowFeatures
+
+        cache = ConvFeatureCache(
+            cache_dir / "conv_features", detector, dtype=detector.config.feature_cache_dtype
+        )
+        return SPPWindowFeatures(detector, cache)
+    from .rcnn_features import RCNNWindowFeatures
+
+    return RCNNWindowFeatures(
+        detector, cache_dir / "rcnn_features", dtype=detector.config.feature_cache_dtype
+    )
+
+
+def train_detector(
+    dataset: VOCDataset,
+    output_dir: Union[str, Path],
+    config: DetectorConfig,
+    method: str = "spp",
+    device: Optional[str] = None,
+    pretrained: Union[bool, str] = True,
+    cache_dir: Optional[Union[str, Path]] = None,
+    proposals_file: Optional[Union[str, Path]] = None,
+    resume: bool = True,
+) -> Dict[str, Any]:
+    """Train a detector on a VOC-format split and write ``output_dir/model.pt``.
+
+    Args:
+        dataset: the training split (its ``class_names`` become the model's classes).
+        output_dir: where ``model.pt``, stage checkpoints and ``train_log.json`` go.
+        config: all settings (paper defaults).
+        method: ``"spp"`` (SPP-net) or ``"rcnn"`` (the per-region baseline).
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when present).
+        pretrained: backbone weights: ``True`` (ImageNet), ``False`` (random) or a file.
+        cache_dir: proposal and feature caches (default ``output_dir/cache``); share it between
+            runs and methods to reuse proposals.
+        proposals_file: precomputed proposals (.npz or .mat) instead of selective search.
+        resume: reuse finished stages whose settings match.
+    Returns:
+        The training log (per-stage seconds, cache sizes, fine-tuning losses, model path).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir is not None else output_dir / "cache"
+    dev = resolve_device(device)
+    torch.manual_seed(config.finetune.seed)
+    log: Dict[str, Any] = {
+        "method": method,
+        "dataset": {
+            "root": str(dataset.root),
+            "year": dataset.year,
+            "split": dataset.split,
+            "images": len(dataset),
+        },
+        "class_names": dataset.class_names,
+        "device": str(dev),
+        "seconds": {},
+    }
+    if len(dataset) == 0:
+        raise ValueError(f"{dataset.root}: split {dataset.split!r} has no images")
+
+    t = time.perf_counter()
+    proposals = dataset_proposals(dataset, config, cache_dir, proposals_file)
+    log["seconds"]["proposals"] = time.perf_counter() - t
+    log["proposals_per_image"] = float(
+        sum(len(proposals[r.image_id]) for r in dataset.records) / len(dataset)
+    )
+
+    detector = build_detector(method, dataset.class_names, config, pretrained=pretrained).to(dev)
+    source = make_feature_source(detector, cache_dir)
+
+    t = time.perf_counter()
+    log["feature_cache"] = source.prepare(dataset.records)
+    log["seconds"]["features"] = time.perf_counter() - t
+
+    images = make_training_images(dataset.records, proposals, config.finetune)
+    ft_key = _digest(
+        [
+            method,
+            config.to_dict(),
+            dataset.class_names,
+            dataset.image_ids,
+            weights_digest(detector.backbone),
+        ]
+    )
+    ft_path = output_dir / "finetune.pt"
+    t = time.perf_counter()
+    if (
+        resume
+        and ft_path.is_file()
+        and torch.load(ft_path, weights_only=False).get("key") == ft_key
+    ):
+        detector.head.load_state_dict(torch.load(ft_path, weights_only=False)["head"])
+        logger.info("fine-tuning: reusing %s", ft_path)
+        log["finetune"] = torch.load(ft_path, weights_only=False)["log"]
+    elif config.finetune.enabled:
+        log["finetune"] = finetune_head(detector, source, images, config.finetune)
+        atomic_torch_save(
+            {"key": ft_key, "head": detector.head.state_dict(), "log": log["finetune"]}, ft_path
+        )
+    else:
+        log["finetune"] = []
+    log["seconds"]["finetune"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    detector.eval()
+    detector.svms, detector.bbox_regressor, stats = train_svms_and_regressors(
+        detector, source, images, config
+    )
+    log["classifiers"] = stats
+    log["seconds"]["svm_bbox"] = time.perf_counter() - t
+
+    model_path = detector.save(output_dir / "model.pt")
+    log["model"] = str(model_path)
+    atomic_write_json(output_dir / "train_log.json", log)
+    logger.info("wrote %s", model_path)
+    return log

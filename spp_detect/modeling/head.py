@@ -1,0 +1,59 @@
+"""The fully connected head on pooled window features: fc6, fc7 and the (K+1)-way cls_score."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FCHead"]
+
+
+class FCHead(nn.Module):
+    """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> cls_score.
+
+    SPP-net fine-tunes only these layers on pooled conv5 features (sec. 4.1); cls_score is the
+    new (K+1)-way fc8 (index 0 = background) initialised from N(0, 0.01).
+
+    Args:
+        in_features: length of a pooled window (``C * sum(n * n)``, e.g. 256 * 50 for ZF-5).
+        num_classes: K object classes (background excluded).
+        hidden: width of fc6 and fc7 (4096 in the paper).
+        dropout: dropout probability after fc6 and fc7 (training only).
+        init_std: std of the Gaussian init of cls_score (sec. 4.1: 0.01).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: int = 4096,
+        dropout: float = 0.5,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.num_classes = int(num_classes)
+        self.hidden = int(hidden)
+        self.fc6 = nn.Linear(in_features, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.cls_score = nn.Linear(hidden, num_classes + 1)
+        self.dropout = nn.Dropout(dropout)
+        for layer in (self.fc6, self.fc7):
+            # fc6/fc7 have no ImageNet weights for a pooled-pyramid input, so they start from
+            # a He init (ReLU follows) and are learnt by fine-tuning.
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.cls_score.weight, std=init_std)
+        nn.init.zeros_(self.cls_score.bias)
+
+    def fc7_features(self, pooled: Tensor) -> Tensor:
+        """Tensor[R, in_features] -> Tensor[R, hidden] (fc7 after ReLU: the SVMs' features)."""
+        x = self.dropout(torch.relu(self.fc6(pooled)))
+        return self.dropout(torch.relu(self.fc7(x)))
+
+    def forward(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:
+        """Returns ``(fc7, cls_score logits Tensor[R, K + 1])``."""
+        fc7 = self.fc7_features(pooled)
+        return fc7, self.cls_score(fc7)
