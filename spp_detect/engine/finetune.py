@@ -142,7 +142,7 @@ def finetune_head(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        run_loss += float(loss) * y.numel()
+        run_loss += loss.item() * y.numel()
         run_acc += float((logits.argmax(1) == y).sum())
         run_n += y.numel()
         if (it + 1) % log_every == 0 or it + 1 == iterations:

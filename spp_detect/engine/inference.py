@@ -44,7 +44,7 @@ def dataset_proposals(
         mode=pc.mode,
         max_proposals=pc.max_proposals,
         min_size=pc.min_size,
-        resize_to=pc.resize_to,
+        resize_to=pc.resize_to or None,
     )
 
 

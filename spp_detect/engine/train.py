@@ -114,11 +114,11 @@ def train_detector(
     detector = build_detector(method, dataset.class_names, config, pretrained=pretrained).to(dev)
     source = make_feature_source(detector, cache_dir)
 
+    images = make_training_images(dataset.records, proposals, config.finetune)
     t = time.perf_counter()
-    log["feature_cache"] = source.prepare(dataset.records)
+    log["feature_cache"] = source.prepare(images)
     log["seconds"]["features"] = time.perf_counter() - t
 
-    images = make_training_images(dataset.records, proposals, config.finetune)
     ft_key = _digest(
         [
             method,

@@ -33,9 +33,10 @@ class SPPWindowFeatures:
         self.detector = detector
         self.cache = cache
 
-    def prepare(self, records) -> dict:
-        """Compute whatever is missing from the cache; returns its statistics."""
-        return self.cache.build(records)
+    def prepare(self, images) -> dict:
+        """Compute the conv maps missing from the cache (``images``: ``TrainingImage`` list);
+        returns the cache statistics."""
+        return self.cache.build([im.record for im in images])
 
     def pooled(
         self,

@@ -1,0 +1,277 @@
+"""Per-class linear SVMs and R-CNN's hard negative mining."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spp_detect.modeling.svm import (
+    UNTRAINED_BIAS,
+    HardNegativeMiner,
+    LinearSVMs,
+    MiningImage,
+    mean_norm_scale,
+    scaled_retrain_every,
+    train_svms,
+)
+
+
+def far_boxes(n):
+    """n windows 100 px apart: no two overlap, so the 0.7 dedup keeps all of them."""
+    x = torch.arange(n, dtype=torch.float32)[:, None] * 100
+    return torch.cat([x, x * 0, x + 50, x * 0 + 50], dim=1)
+
+
+def blobs(n, d, centre, generator, spread=0.3):
+    return centre + spread * torch.randn(n, d, generator=generator)
+
+
+# -- feature scale and the solver -------------------------------------------------------------
+def test_feature_scale_gives_mean_norm_20():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(300, 40, generator=g) * 7
+    svms = LinearSVMs(2)
+    scale = svms.set_feature_scale(feats)
+    assert scale == pytest.approx(mean_norm_scale(feats))
+    norms = np.linalg.norm(feats.double().numpy() * scale, axis=1)
+    assert norms.mean() == pytest.approx(20.0, rel=1e-9)
+    assert svms.scale_features(feats).norm(dim=1).mean().item() == pytest.approx(20.0, rel=1e-5)
+
+
+def test_bias_multiplier_equals_liblinear_constant_feature():
+    """intercept_scaling=10 is liblinear's -B 10: a constant feature 10, bias = 10 * its weight."""
+    from sklearn.svm import LinearSVC
+
+    g = torch.Generator().manual_seed(1)
+    pos = blobs(40, 5, 1.0, g)
+    neg = blobs(200, 5, -0.5, g)
+    svms = LinearSVMs(1, feature_scale=1.0, tol=1e-8, max_iter=100000)
+    svms.fit_class(0, pos, neg)
+    x = torch.cat([pos, neg]).double().numpy()
+    x_aug = np.concatenate([x, np.full((x.shape[0], 1), 10.0)], axis=1)
+    y = np.r_[np.ones(40), -np.ones(200)]
+    ref = LinearSVC(C=0.001, loss="hinge", dual=True, class_weight={1: 2.0}, fit_intercept=False,
+                    tol=1e-8, max_iter=100000).fit(x_aug, y)
+    np.testing.assert_allclose(svms.weight[0].numpy(), ref.coef_[0, :5], rtol=1e-3, atol=1e-5)
+    assert svms.bias[0].item() == pytest.approx(10.0 * ref.coef_[0, 5], rel=1e-3, abs=1e-5)
+
+
+def test_separable_toy_data_is_separated():
+    g = torch.Generator().manual_seed(2)
+    d = 16
+    centre = torch.zeros(d)
+    centre[0] = 3.0
+    pos = blobs(30, d, centre, g).abs()
+    neg = blobs(300, d, torch.zeros(d), g).abs()
+    svms = LinearSVMs(2)
+    svms.set_feature_scale(torch.cat([pos, neg]))
+    svms.fit_class(1, pos, neg)
+    test_pos = blobs(100, d, centre, g).abs()
+    test_neg = blobs(100, d, torch.zeros(d), g).abs()
+    assert (svms.scores(test_pos)[:, 1] > 0).float().mean() >= 0.98
+    assert (svms.scores(test_neg)[:, 1] < 0).float().mean() >= 0.98
+    # scores() against a float64 loop.
+    x = test_pos[:5].double() * svms.feature_scale.double()
+    ref = [[float(x[i] @ svms.weight[k].double() + svms.bias[k]) for k in range(2)]
+           for i in range(5)]
+    torch.testing.assert_close(svms.scores(test_pos[:5]).double(), torch.tensor(ref).double(),
+                               rtol=1e-5, atol=1e-5)
+
+
+# -- hard negative mining -----------------------------------------------------------------------
+def trained_by_hand(d, w0, b0):
+    """One-class SVMs with score = w0 * x[0] + b0 and feature scale 1, marked trained."""
+    svms = LinearSVMs(1, feature_scale=1.0)
+    svms.reset_weights(d)
+    svms.weight[0, 0] = w0
+    svms.bias[0] = b0
+    svms.trained[0] = True
+    return svms
+
+
+def test_negative_above_minus_one_enters_cache():
+    svms = trained_by_hand(3, 1.0, 0.0)
+    miner = HardNegativeMiner(svms, dedup_negatives=False, retrain_every=1000)
+    miner.add_positives(torch.tensor([[5.0, 0, 0]]), torch.tensor([0]))
+    # Scores: -0.5, -1.0, -1.00005 (above -1.0001), -1.0002, -3.
+    x0 = torch.tensor([-0.5, -1.0, -1.00005, -1.0002, -3.0], dtype=torch.float64)
+    feats = torch.zeros(5, 3)
+    feats[:, 0] = x0.float()
+    ious = torch.zeros(5, 1)
+    added = miner.add_image(feats, ious, torch.zeros(5, dtype=torch.bool),
+                            torch.zeros(0, dtype=torch.long))
+    assert added == [3]
+    assert miner.cached_keys(0).tolist() == [[0, 0], [0, 1], [0, 2]]
+
+
+def test_overlap_with_gt_rules_out_negatives():
+    svms = LinearSVMs(2, feature_scale=1.0)
+    miner = HardNegativeMiner(svms, dedup_negatives=False, retrain_every=1000)
+    miner.add_positives(torch.ones(2, 4), torch.tensor([0, 1]))
+    # Window 0 is a class-1 ground truth; IoU with class 0's ground truths: 0, 0.29, 0.3,
+    # 0.31, 0.9 for windows 0..4; window 5 is a class-0 ground truth.
+    ious = torch.tensor([[0.0, 1.0], [0.29, 0.0], [0.3, 0.0], [0.31, 0.0], [0.9, 0.0],
+                         [1.0, 0.0]])
+    is_gt = torch.tensor([True, False, False, False, False, True])
+    feats = torch.rand(6, 4, generator=torch.Generator().manual_seed(3))
+    svms.reset_weights(4)  # zero model: every window scores 0 > -1, so only IoU decides
+    miner.retrain = lambda c: None  # keep the zero model (no retrain) for this check
+    miner.add_image(feats, ious, is_gt, torch.tensor([1, 0]), boxes=None)
+    assert miner.cached_keys(0)[:, 1].tolist() == [0, 1]  # IoU < 0.3 (strict): 0 and 0.29
+    assert miner.cached_keys(1)[:, 1].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_easy_negatives_leave_at_retrain():
+    g = torch.Generator().manual_seed(4)
+    d = 6
+    svms = LinearSVMs(1, feature_scale=1.0)
+    miner = HardNegativeMiner(svms, dedup_negatives=False, retrain_every=1000)
+    centre = torch.zeros(d)
+    centre[0] = 4.0
+    miner.add_positives(blobs(20, d, centre, g), torch.zeros(20, dtype=torch.long))
+    # Negatives spread from far (easy) to close to the positives (hard).
+    neg = blobs(200, d, torch.zeros(d), g, spread=1.0)
+    neg[:, 0] = torch.linspace(-6.0, 3.0, 200)
+    miner.add_image(neg, torch.zeros(200, 1), torch.zeros(200, dtype=torch.bool),
+                    torch.zeros(0, dtype=torch.long))
+    # First image: the zero model let all 200 in, then the first model was trained.
+    assert len(miner.history) == 1 and miner.history[0]["num_neg"] == 200
+    z = svms.scores(neg)[:, 0]
+    expected = torch.nonzero(z >= -1.2).flatten().tolist()
+    kept = miner.cached_keys(0)[:, 1].tolist()
+    assert kept == expected
+    assert 0 < len(kept) < 200
+    assert miner.history[0]["evicted"] == 200 - len(kept)
+
+
+def test_dedup_drops_the_right_negative():
+    # A and B: IoU 90 / 100 = 0.9 > 0.7. A and C: 70 / 100 = 0.7 (not > 0.7).
+    # B and C: 70 / 90 = 0.78 > 0.7. D overlaps nothing.
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 7], [50, 50, 60, 60]])
+    ious = torch.zeros(4, 1)
+    no_gt = torch.zeros(4, dtype=torch.bool)
+    empty = torch.zeros(0, dtype=torch.long)
+
+    # Zero model: all score 0, ties go by window order. Greedy: A kept, B dropped (0.9 to A),
+    # C kept (0.7 to A is not above 0.7; B, which it overlaps by 0.78, was dropped), D kept.
+    svms = LinearSVMs(1, feature_scale=1.0)
+    miner = HardNegativeMiner(svms, retrain_every=1000)
+    miner.retrain = lambda c: None
+    miner.add_positives(torch.ones(1, 2), torch.tensor([0]))
+    miner.add_image(torch.zeros(4, 2), ious, no_gt, empty, boxes)
+    assert miner.cached_keys(0)[:, 1].tolist() == [0, 2, 3]
+
+    # A model under which B is the hardest: B kept, A (0.9) and C (0.78) dropped, D kept.
+    svms = trained_by_hand(2, 1.0, 0.0)
+    miner = HardNegativeMiner(svms, retrain_every=1000)
+    miner.retrain = lambda c: None
+    miner.add_positives(torch.ones(1, 2), torch.tensor([0]))
+    feats = torch.tensor([[-0.5, 0], [-0.1, 0], [-0.3, 0], [-0.9, 0]])
+    miner.add_image(feats, ious, no_gt, empty, boxes)
+    assert miner.cached_keys(0)[:, 1].tolist() == [1, 3]
+
+
+def toy_image(g, k, d, centres, r=60, num_gt=2):
+    labels = torch.randint(0, k, (num_gt,), generator=g)
+    feats = blobs(r, d, torch.zeros(d), g, spread=1.0).abs()
+    feats[:num_gt] = blobs(num_gt, d, centres[labels], g).abs()
+    is_gt = torch.zeros(r, dtype=torch.bool)
+    is_gt[:num_gt] = True
+    ious = torch.rand(r, k, generator=g) * 0.25
+    ious[:num_gt] = 0
+    ious[torch.arange(num_gt), labels] = 1.0
+    return MiningImage(feats, ious, is_gt, labels, far_boxes(r))
+
+
+def test_retrain_schedule():
+    g = torch.Generator().manual_seed(5)
+    k, d = 1, 8
+    centres = torch.zeros(k, d)
+    centres[0, 0] = 4.0
+    images = [toy_image(g, k, d, centres) for _ in range(7)]
+    svms = LinearSVMs(k)
+    miner = HardNegativeMiner(svms, retrain_every=3)
+    for im in images:
+        miner.add_image(*im)
+    miner.finish()
+    # First model after image 1, every 3 images (3, 6), and the final retrain (7).
+    assert [h["image"] for h in miner.history] == [1, 3, 6, 7]
+    assert scaled_retrain_every(2000, 5011) == 2000
+    assert scaled_retrain_every(2000, 100) == 40
+    assert scaled_retrain_every(2000, 1) == 1
+
+
+def test_retrain_limit_counts_added_negatives():
+    g = torch.Generator().manual_seed(6)
+    d = 8
+    centres = torch.zeros(1, d)
+    centres[0, 0] = 4.0
+    svms = LinearSVMs(1)
+    miner = HardNegativeMiner(svms, retrain_every=1000, retrain_limit=3)
+    added = [miner.add_image(*toy_image(g, 1, d, centres))[0] for _ in range(6)]
+    # R-CNN's rule: retrain once more than retrain_limit negatives joined since the last one.
+    expected, since = [1], 0
+    for i, n in enumerate(added[1:], start=2):
+        since += n
+        if since > 3:
+            expected.append(i)
+            since = 0
+    assert [h["image"] for h in miner.history] == expected
+    assert len(expected) >= 2
+
+
+def test_train_svms_end_to_end_and_untrained_class(caplog):
+    g = torch.Generator().manual_seed(7)
+    k, d = 3, 12
+    centres = torch.zeros(k, d)
+    for c in range(k):
+        centres[c, c] = 4.0
+    images = []
+    for _ in range(12):
+        im = toy_image(g, 2, d, centres[:2])  # class 2 never appears
+        ious = torch.cat([im.window_ious, torch.zeros(im.window_ious.shape[0], 1)], dim=1)
+        images.append(im._replace(window_ious=ious))
+    with caplog.at_level(logging.WARNING, logger="spp_detect.modeling.svm"):
+        svms = train_svms(images, k, retrain_every=4)
+    assert svms.trained.tolist() == [True, True, False]
+    assert "class 2" in caplog.text
+    assert svms.bias[2].item() == UNTRAINED_BIAS
+    for c in range(2):
+        pos = blobs(50, d, centres[c], g).abs()
+        neg = blobs(200, d, torch.zeros(d), g, spread=1.0).abs()
+        assert (svms.scores(pos)[:, c] > 0).float().mean() >= 0.95
+        assert (svms.scores(neg)[:, c] < 0).float().mean() >= 0.95
+        other = blobs(50, d, centres[1 - c], g).abs()
+        assert (svms.scores(other)[:, c] < 0).float().mean() >= 0.95
+    assert (svms.scores(neg)[:, 2] < -1000).all()
+
+
+def test_state_dict_round_trip_and_errors():
+    svms = trained_by_hand(5, 0.5, -0.25)
+    state = {k: v.clone() for k, v in svms.state_dict().items()}
+    assert set(state) == {"weight", "bias", "feature_scale", "trained"}
+    loaded = LinearSVMs.from_state_dict(state)
+    x = torch.rand(7, 5)
+    torch.testing.assert_close(loaded.scores(x), svms.scores(x))
+    parent = nn.Module()
+    parent.svms = LinearSVMs(1)
+    parent.load_state_dict({f"svms.{k}": v for k, v in state.items()})
+    torch.testing.assert_close(parent.svms(x), svms.scores(x))
+    assert svms.scores(x[:0]).shape == (0, 1)
+    with pytest.raises(ValueError):
+        svms.scores(torch.rand(3, 4))
+    miner = HardNegativeMiner(LinearSVMs(1))
+    with pytest.raises(ValueError, match="boxes"):
+        miner.add_image(x, torch.zeros(7, 1), torch.zeros(7, dtype=torch.bool),
+                        torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scores_match_cpu():
+    svms = trained_by_hand(5, 0.5, -0.25)
+    x = torch.rand(9, 5)
+    cpu = svms.scores(x)
+    torch.testing.assert_close(svms.scores(x.cuda()).cpu(), cpu)
+    torch.testing.assert_close(svms.cuda().scores(x.cuda()).cpu(), cpu)
