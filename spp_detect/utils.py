@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -14,6 +15,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 __all__ = [
+    "atomic_path",
+    "json_safe",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -24,7 +27,7 @@ __all__ = [
 
 
 @contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target folder; move it onto ``path`` only on success, so a
     reader never sees a half-written file and an interrupted run leaves the old file intact."""
     path = Path(path)
@@ -39,22 +42,42 @@ def _atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with _atomic_path(Path(path)) as tmp:
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+    return Path(path)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with _atomic_path(Path(path)) as tmp:
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def json_safe(obj: Any) -> Any:
+    """Plain JSON values: NaN/inf -> None (strict JSON has no NaN), numpy and torch scalars and
+    arrays -> Python numbers and lists, paths -> strings."""
+    if hasattr(obj, "tolist"):  # numpy / torch scalar or array
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as strict JSON (NaN as null), atomically."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    return Path(path)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 

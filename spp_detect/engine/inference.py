@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..datasets.images import read_image
@@ -88,8 +87,7 @@ def test_detector(
         coco: also compute COCO-style AP through pycocotools.
         overrides: ``TestConfig`` fields to change (e.g. ``{"classifier": "softmax"}``).
     """
-    from ..evaluation.plots import plot_pr_curves
-    from ..evaluation.voc import VOCEvaluator, write_voc_results
+    from ..evaluation.report import evaluate_detections
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -114,41 +112,16 @@ def test_detector(
     dets = detect_dataset(detector, dataset, proposals, timer)
     seconds = time.perf_counter() - t0
     atomic_torch_save(dets, output_dir / "detections.pt")
-    write_voc_results(output_dir / "results", dataset.split, dataset.class_names, dets)
-
-    evaluator = VOCEvaluator(dataset, use_07_metric=use_07_metric)
-    evaluator.reset()
-    for image_id, d in dets.items():
-        evaluator.process(image_id, d)
-    metrics = evaluator.evaluate()
-    try:
-        plot_pr_curves(evaluator, output_dir / "pr_curves.png")
-    except Exception as exc:  # noqa: BLE001 - a plot must not lose the metrics
-        logger.warning("could not draw PR curves: %s", exc)
-    if coco:
-        from ..evaluation.coco import evaluate_coco
-
-        metrics["coco"] = evaluate_coco(dataset, dets)
+    # VOC results files, metrics.json and pr_curves.png (the evaluation layer's one path).
+    metrics = evaluate_detections(
+        dataset, dets, output_dir=output_dir, use_07_metric=use_07_metric, coco=coco
+    )
     n = max(1, len(dataset))
     metrics["images"] = len(dataset)
     metrics["seconds_per_image"] = seconds / n
     metrics["stage_seconds_per_image"] = {k: v / n for k, v in timer.times.items()}
     metrics["method"] = detector.method
     metrics["classifier"] = detector.config.test.classifier
-    atomic_write_json(output_dir / "metrics.json", _jsonable(metrics))
+    atomic_write_json(output_dir / "metrics.json", metrics)
     logger.info("mAP %.4f (%s) on %d images", metrics["mAP"], metrics.get("metric"), len(dataset))
     return metrics
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return obj
