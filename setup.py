@@ -24,6 +24,7 @@ setup(
         "torchvision>=0.15,<=0.29.1",
         "opencv-contrib-python-headless>=4.5",
         "scikit-learn>=1.0",
+        "scipy>=1.7",
         "pycocotools>=2.0",
         "numpy>=1.22",
         "pillow>=9.0",

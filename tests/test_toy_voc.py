@@ -1,0 +1,254 @@
+"""The toy VOC generator: determinism, VOC layout and XML, tight 1-based boxes, splits, flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spp_detect.datasets import toy_voc
+from spp_detect.datasets.toy_voc import (
+    TOY_CLASSES,
+    DatasetExistsError,
+    ToyObject,
+    make_toy_voc,
+    render_toy_image,
+)
+
+# Saturated colours far from each other and from the grey test background (128).
+PALETTE = np.array(
+    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255]], dtype=np.float32
+)
+
+
+@pytest.fixture
+def flat_colours(monkeypatch):
+    """Grey background, object k of each image painted in PALETTE[k], no noise, no blending:
+    the painted pixels of every object can then be found in the image by colour."""
+    counter = {"k": 0}
+
+    def background(rng, h, w):
+        counter["k"] = 0
+        return np.full((h, w, 3), 128, dtype=np.float32)
+
+    def texture(rng, h, w):
+        colour = PALETTE[counter["k"]]
+        counter["k"] += 1
+        return np.broadcast_to(colour, (h, w, 3)).copy()
+
+    monkeypatch.setattr(toy_voc, "_background", background)
+    monkeypatch.setattr(toy_voc, "_texture", texture)
+    monkeypatch.setattr(toy_voc, "_LOW_CONTRAST_P", 0.0)
+    monkeypatch.setattr(toy_voc, "_SENSOR_NOISE", 0.0)
+
+
+def _parse(xml_path: Path):
+    root = ET.parse(xml_path).getroot()
+    size = root.find("size")
+    w, h = int(size.find("width").text), int(size.find("height").text)
+    objs = []
+    for o in root.findall("object"):
+        bb = o.find("bndbox")
+        objs.append(
+            dict(
+                name=o.find("name").text,
+                pose=o.find("pose").text,
+                truncated=int(o.find("truncated").text),
+                difficult=int(o.find("difficult").text),
+                box=tuple(int(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")),
+            )
+        )
+    return root.find("filename").text, w, h, objs
+
+
+def _bbox(mask):
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_render_boxes_are_tight_around_painted_pixels(flat_colours):
+    seen = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        img, objects, masks = render_toy_image(rng, 260, 210)
+        assert img.shape == (210, 260, 3) and img.dtype == np.uint8
+        assert 1 <= len(objects) <= 4 and len(masks) == len(objects)
+        for k, (obj, mask) in enumerate(zip(objects, masks)):
+            painted = (img == PALETTE[k].astype(np.uint8)).all(axis=2)
+            np.testing.assert_array_equal(painted, mask)  # the mask is what was drawn
+            assert obj.box == _bbox(painted)  # continuous [x1, x2): last pixel is x2 - 1
+            assert obj.name in TOY_CLASSES
+            seen += 1
+    assert seen > 20
+
+
+def test_truncated_objects_touch_the_border_and_flags_occur(flat_colours):
+    objects = []
+    for seed in range(40):
+        _, objs, _ = render_toy_image(np.random.default_rng(seed), 240, 200)
+        objects += objs
+    truncated = [o for o in objects if o.truncated]
+    assert truncated and any(o.difficult for o in objects)
+    for o in truncated:
+        x1, y1, x2, y2 = o.box
+        assert x1 == 0 or y1 == 0 or x2 == 240 or y2 == 200
+
+
+def test_annotation_xml_uses_voc_one_based_inclusive_pixels():
+    # A box covering pixel columns 0..9 and rows 5..24 (continuous [0, 10) x [5, 25)) is
+    # written xmin=1, ymin=6, xmax=10, ymax=25 in VOC's 1-based inclusive pixels.
+    objs = [ToyObject("star", (0, 5, 10, 25), difficult=True, truncated=False)]
+    xml = toy_voc._annotation_xml("000007", "2007", 30, 40, objs)
+    root = ET.fromstring(xml)
+    bb = root.find("object/bndbox")
+    assert [int(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")] == [1, 6, 10, 25]
+    assert root.find("object/difficult").text == "1"
+    assert root.find("object/truncated").text == "0"
+    assert root.find("filename").text == "000007.jpg"
+    assert (root.find("size/width").text, root.find("size/height").text) == ("30", "40")
+
+
+def test_written_boxes_match_image_pixels(tmp_path, flat_colours, monkeypatch):
+    def lossless(image, quality):  # PNG bytes in the .jpg files: pixels survive exactly
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        return buf.getvalue()
+
+    monkeypatch.setattr(toy_voc, "_encode_jpeg", lossless)
+    root = make_toy_voc(tmp_path / "devkit", num_train=4, num_val=2, num_test=4, seed=3)
+    voc = root / "VOC2007"
+    n = 0
+    for xml_path in sorted((voc / "Annotations").glob("*.xml")):
+        filename, w, h, objs = _parse(xml_path)
+        img = np.asarray(Image.open(voc / "JPEGImages" / filename)).astype(int)
+        assert img.shape == (h, w, 3)
+        for k, o in enumerate(objs):
+            xmin, ymin, xmax, ymax = o["box"]
+            assert 1 <= xmin <= xmax <= w and 1 <= ymin <= ymax <= h
+            painted = (img == PALETTE[k]).all(axis=2)
+            # VOC 1-based inclusive -> continuous: (xmin - 1, ymin - 1, xmax, ymax).
+            assert _bbox(painted) == (xmin - 1, ymin - 1, xmax, ymax), (xml_path.name, k)
+            n += 1
+    assert n >= 10
+
+
+def test_same_seed_same_bytes_and_layout(tmp_path):
+    a = make_toy_voc(tmp_path / "a", num_train=6, num_val=3, num_test=6, seed=5)
+    b = make_toy_voc(tmp_path / "b", num_train=6, num_val=3, num_test=6, seed=5)
+    c = make_toy_voc(tmp_path / "c", num_train=6, num_val=3, num_test=6, seed=6)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert (a / "VOC2007/JPEGImages/000001.jpg").read_bytes() != (
+        c / "VOC2007/JPEGImages/000001.jpg"
+    ).read_bytes()
+    voc = a / "VOC2007"
+    ids = sorted(p.stem for p in (voc / "JPEGImages").glob("*.jpg"))
+    assert ids == [f"{i:06d}" for i in range(1, 16)]
+    assert sorted(p.stem for p in (voc / "Annotations").glob("*.xml")) == ids
+    assert not [p for p in a.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_splits_disjoint_complete_and_every_class_present(tmp_path):
+    root = make_toy_voc(tmp_path / "d", num_train=14, num_val=7, num_test=12, seed=1)
+    main = root / "VOC2007" / "ImageSets" / "Main"
+    split = {s: (main / f"{s}.txt").read_text().split() for s in toy_voc.SPLITS}
+    for s, ids in split.items():
+        assert ids == sorted(ids) and len(set(ids)) == len(ids), s
+    assert len(split["train"]) == 14 and len(split["val"]) == 7 and len(split["test"]) == 12
+    assert not set(split["train"]) & set(split["val"])
+    assert not set(split["trainval"]) & set(split["test"])
+    assert set(split["trainval"]) == set(split["train"]) | set(split["val"])
+    all_ids = {p.stem for p in (root / "VOC2007" / "JPEGImages").glob("*.jpg")}
+    assert set(split["trainval"]) | set(split["test"]) == all_ids
+    n_difficult = n_truncated = 0
+    for s in ("train", "val", "test"):
+        names = set()
+        for i in split[s]:
+            _, w, h, objs = _parse(root / "VOC2007" / "Annotations" / f"{i}.xml")
+            names |= {o["name"] for o in objs}
+            n_difficult += sum(o["difficult"] for o in objs)
+            n_truncated += sum(o["truncated"] for o in objs)
+            assert all(o["pose"] == "Unspecified" for o in objs)
+        assert names == set(TOY_CLASSES), s  # >= 6 images in the split: all classes
+    assert n_difficult > 0 and n_truncated > 0
+    # Per-class lists as in the devkit: "<id>  1" present, "0" only difficult, "-1" absent.
+    lines = (main / "circle_test.txt").read_text().splitlines()
+    assert [ln.split()[0] for ln in lines] == split["test"]
+    assert {ln.split()[1] for ln in lines} <= {"1", "0", "-1"}
+
+
+def test_refuses_to_overwrite_and_atomic_failure(tmp_path, monkeypatch):
+    root = make_toy_voc(tmp_path / "e", num_train=2, num_val=1, num_test=2)
+    with pytest.raises(DatasetExistsError, match="overwrite"):
+        make_toy_voc(root, num_train=2, num_val=1, num_test=2)
+    assert isinstance(DatasetExistsError("x"), ValueError)
+    make_toy_voc(root, num_train=3, num_val=1, num_test=1, overwrite=True)
+    assert len(list((root / "VOC2007" / "JPEGImages").iterdir())) == 5
+    assert [p.name for p in root.iterdir()] == ["VOC2007"]
+
+    calls = {"n": 0}
+    real = toy_voc._encode_jpeg
+
+    def failing(image, quality):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk full")
+        return real(image, quality)
+
+    monkeypatch.setattr(toy_voc, "_encode_jpeg", failing)
+    with pytest.raises(RuntimeError):
+        make_toy_voc(tmp_path / "f", num_train=3, num_val=1, num_test=1)
+    assert list((tmp_path / "f").iterdir()) == []  # nothing half-written
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="classes"):
+        make_toy_voc(tmp_path, classes=["circle", "dog"])
+    with pytest.raises(ValueError, match="image_size"):
+        make_toy_voc(tmp_path, image_size=(300, 200))
+    with pytest.raises(ValueError, match="counts"):
+        make_toy_voc(tmp_path, num_train=0, num_val=0, num_test=0)
+
+
+def test_tool_main(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_toy_voc.py"
+    spec = importlib.util.spec_from_file_location("make_toy_voc_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.get_args_parser().parse_args(
+        [
+            "--output",
+            str(tmp_path / "t"),
+            "--num-train",
+            "2",
+            "--num-val",
+            "1",
+            "--num-test",
+            "1",
+            "--classes",
+            "circle",
+            "ring",
+            "--min-size",
+            "120",
+            "--max-size",
+            "160",
+        ]
+    )
+    root = tool.main(args)
+    assert root == tmp_path / "t"
+    names = set()
+    for xml_path in (root / "VOC2007" / "Annotations").glob("*.xml"):
+        _, w, h, objs = _parse(xml_path)
+        assert 120 <= w <= 160 and 120 <= h <= 160
+        names |= {o["name"] for o in objs}
+    assert names <= {"circle", "ring"}
+    assert tool._cli(["--output", str(tmp_path / "t")]) == 2  # exists: one line, exit 2
