@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 # Paper sec. 3.2 (after Krizhevsky et al.): images resized to 256 on the short side, 224 crops.
 RESIZE_RATIO = 256 / 224
+_BILINEAR = 2  # PIL.Image.BILINEAR
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ClassifierTrainConfig:
     device: Optional[str] = None  # None: CUDA when present
     workers: int = 0  # DataLoader worker processes
     eval_batch_size: int = 32
+    full_min_side: Optional[int] = None  # None: native size; paper (sec. 3.1): 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,24 +101,24 @@ def _transforms(crop: int, mean, std, train: bool):
 
 
 class _FullImage:
-    """PIL image -> normalised ``Tensor[3, H, W]`` at native size (upsampled only below the
-    backbone's minimum input size)."""
+    """PIL image -> normalised ``Tensor[3, H, W]``, the whole image with its aspect kept: at its
+    native size, or with the short side resized to ``min_side`` (the paper's full-image view,
+    sec. 3.1: min(w, h) = 256); always at least the backbone's minimum input size."""
 
-    def __init__(self, mean, std, min_size: int):
+    def __init__(self, mean, std, min_input: int, min_side: Optional[int] = None):
         from torchvision import transforms as T
 
-        self.min_size = min_size
+        self.min_input, self.min_side = min_input, min_side
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
 
     def __call__(self, image):
-        if min(image.size) < self.min_size:
-            f = self.min_size / min(image.size)
-            image = image.resize(
-                (
-                    max(round(image.width * f), self.min_size),
-                    max(round(image.height * f), self.min_size),
-                )
-            )
+        short = min(image.size)
+        target = self.min_side if self.min_side else max(short, self.min_input)
+        target = max(target, self.min_input)
+        if target != short:
+            f = target / short
+            w, h = max(round(image.width * f), target), max(round(image.height * f), target)
+            image = image.resize((w, h), resample=_BILINEAR)
         return self.to_tensor(image)
 
 
@@ -175,6 +177,47 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device, desc: str)
     if n == 0:
         raise ValueError("evaluation set is empty")
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "k": k, "num_images": n}
+
+
+def evaluate_folder(
+    model: SPPClassifier,
+    folder: Union[str, Path],
+    crop: int = 224,
+    full_min_side: Optional[int] = None,
+    batch_size: int = 32,
+    device: Union[str, torch.device] = "cpu",
+    workers: int = 0,
+    class_names: Optional[Sequence[str]] = None,
+) -> Dict[str, Dict[str, Any]]:
+    """Accuracy of ``model`` on an ImageFolder ``folder``: ``{"full_image", "center_crop"}``.
+
+    Full image: the whole image, aspect kept, at native size (or short side ``full_min_side``),
+    batched by equal size. Centre crop: short side resized to ``crop * 256 / 224``, ``crop``
+    square from the middle. ``class_names`` (the training classes) must match the folder's.
+    """
+    bb = model.backbone
+    full_set = _image_folder(
+        Path(folder), _FullImage(bb.mean, bb.std, bb.min_input_size, full_min_side)
+    )
+    if class_names is not None and list(full_set.classes) != list(class_names):
+        raise ValueError(f"{folder}: classes {full_set.classes} differ from {list(class_names)}")
+    crop_set = _image_folder(Path(folder), _transforms(crop, bb.mean, bb.std, False))
+    # Images of one original size have one processed size: group by the header's size.
+    sizes = _image_sizes(full_set)
+    full_loader = DataLoader(
+        full_set, batch_sampler=_SizeGroupedBatches(sizes, batch_size), num_workers=workers
+    )
+    crop_loader = DataLoader(crop_set, batch_size=batch_size, num_workers=workers)
+    return {
+        "full_image": {
+            **evaluate_classifier(model, full_loader, device, "test (full image)"),
+            "min_side": full_min_side,
+        },
+        "center_crop": {
+            **evaluate_classifier(model, crop_loader, device, "test (centre crop)"),
+            "crop": crop,
+        },
+    }
 
 
 def format_metrics_table(metrics: Dict[str, Any]) -> str:
@@ -252,13 +295,9 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
         _split_dir(root, ["train"]), _transforms(crop, backbone.mean, backbone.std, True)
     )
     test_dir = _split_dir(root, ["test", "val"])
-    crop_set = _image_folder(test_dir, _transforms(crop, backbone.mean, backbone.std, False))
-    full_set = _image_folder(
-        test_dir, _FullImage(backbone.mean, backbone.std, backbone.min_input_size)
-    )
-    if crop_set.classes != train_set.classes:
-        raise ValueError(f"{test_dir}: classes {crop_set.classes} differ from train/ classes")
     class_names = train_set.classes
+    if _image_folder(test_dir, None).classes != class_names:  # fail before training, not after
+        raise ValueError(f"{test_dir}: classes differ from the train/ classes {class_names}")
 
     model = SPPClassifier(backbone, len(class_names), cfg.levels, cfg.hidden, cfg.dropout)
     model.to(device)
@@ -278,11 +317,11 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * len(loader))
     logger.info(
-        "%s SPP classifier: %d classes, %d train / %d test images, sizes %s, %d epochs on %s",
+        "%s SPP classifier: %d classes, %d train images, test %s, sizes %s, %d epochs on %s",
         cfg.backbone,
         len(class_names),
         len(train_set),
-        len(full_set),
+        test_dir,
         sizes,
         cfg.epochs,
         device,
@@ -324,21 +363,24 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    full_loader = DataLoader(
-        full_set,
-        batch_sampler=_SizeGroupedBatches(_image_sizes(full_set), cfg.eval_batch_size),
-        num_workers=cfg.workers,
+    evaluation = evaluate_folder(
+        model,
+        test_dir,
+        crop,
+        cfg.full_min_side,
+        cfg.eval_batch_size,
+        device,
+        cfg.workers,
+        class_names,
     )
-    crop_loader = DataLoader(crop_set, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
     metrics: Dict[str, Any] = {
-        "full_image": evaluate_classifier(model, full_loader, device, "test (full image)"),
-        "center_crop": evaluate_classifier(model, crop_loader, device, "test (centre crop)"),
+        **evaluation,
         "history": history,
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - t0,
         "class_names": class_names,
         "num_train": len(train_set),
-        "num_test": len(full_set),
+        "num_test": evaluation["full_image"]["num_images"],
         "config": {
             **asdict(cfg),
             "sizes": list(sizes),

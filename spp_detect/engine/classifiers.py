@@ -20,6 +20,7 @@ from ..modeling.box_regression import BoxRegressor
 from ..modeling.svm import LinearSVMs, MiningImage, mean_norm_scale, train_svms
 from ..structures import box_iou
 from .finetune import TrainingImage
+from .window_features import all_rows
 
 __all__ = ["train_svms_and_regressors", "class_ious"]
 
@@ -55,7 +56,7 @@ def train_svms_and_regressors(
 
     Args:
         detector: a ``WindowDetector`` whose head has been fine-tuned.
-        source: training window features (``pooled(record, windows) -> (pooled, inverse)``).
+        source: training window features prepared on ``images`` (``rows(i, idx)``).
         images: ground truths first, then proposals, per image.
     Returns:
         ``(svms, bbox_regressor, stats)``.
@@ -77,8 +78,7 @@ def train_svms_and_regressors(
             idx = torch.cat([idx, torch.from_numpy(extra).long()])
         if idx.numel() == 0:
             continue
-        pooled, inverse = source.pooled(im.record, im.windows[idx])
-        pooled = pooled[inverse]
+        pooled = source.rows(i, idx)
         feats = _fc7(detector, pooled)
         pos_feats.append(feats[:g])
         pos_labels.append(im.gt_labels.to(feats.device))
@@ -94,9 +94,9 @@ def train_svms_and_regressors(
     bbox_labels: List[Tensor] = []
 
     def stream() -> Iterator[MiningImage]:
-        for im in tqdm(images, desc="SVM mining + bbox features", unit="img", leave=False):
-            pooled, inverse = source.pooled(im.record, im.windows)
-            feats = _fc7(detector, pooled)[inverse]
+        for i, im in enumerate(tqdm(images, desc="SVM mining + bbox", unit="img", leave=False)):
+            pooled = all_rows(source, i)
+            feats = _fc7(detector, pooled)
             windows = im.windows.to(feats.device)
             g = im.gt_boxes.shape[0]
             is_gt = torch.zeros(windows.shape[0], dtype=torch.bool, device=feats.device)
@@ -108,8 +108,7 @@ def train_svms_and_regressors(
                 sel = torch.nonzero(best > config.bbox_reg.iou_thresh).flatten()
                 if sel.numel() > _BBOX_MAX_PER_IMAGE:
                     sel = sel[torch.randperm(sel.numel())[:_BBOX_MAX_PER_IMAGE]]
-                rows = pooled[inverse[sel]]
-                bbox_feats.append(rows.half().cpu())
+                bbox_feats.append(pooled[sel].half().cpu())
                 bbox_boxes.append(windows[sel].cpu())
                 bbox_gt.append(im.gt_boxes[match[sel].cpu()])
                 bbox_labels.append(im.gt_labels[match[sel].cpu()])

@@ -85,12 +85,13 @@ def finetune_head(
 
     Args:
         detector: a ``WindowDetector``; only ``detector.head`` is trained.
-        source: gives ``pooled(record, windows, rng) -> (pooled[U, D], inverse[R])``.
+        source: training window features, prepared on ``images``
+            (``rows(i, idx, rng) -> Tensor[len(idx), D]``).
         images: from ``make_training_images``.
     Returns:
         The log: one dict per logged interval (iteration, lr, loss, accuracy, seconds).
     """
-    usable = [im for im in images if bool((im.labels >= 0).any())]
+    usable = [i for i, im in enumerate(images) if bool((im.labels >= 0).any())]
     if not usable:
         raise ValueError("no training windows: every image lacks positives and negatives")
     iterations = num_iterations(cfg, len(images))
@@ -114,27 +115,24 @@ def finetune_head(
             # lr 1e-4 -> 1e-5 after 250k of 300k mini-batches (sec. 4.1).
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * cfg.lr_step_factor
-        chosen = rng.choice(len(usable), size=min(cfg.images_per_batch, len(usable)), replace=False)
-        pool_labels = torch.cat([usable[i].labels for i in chosen])
+        chosen = rng.choice(usable, size=min(cfg.images_per_batch, len(usable)), replace=False)
+        pool_labels = torch.cat([images[i].labels for i in chosen])
         owner = torch.cat(
             [
-                torch.full((usable[i].labels.numel(),), k, dtype=torch.long)
+                torch.full((images[i].labels.numel(),), k, dtype=torch.long)
                 for k, i in enumerate(chosen)
             ]
         )
-        offsets = torch.cat([torch.arange(usable[i].labels.numel()) for i in chosen])
+        offsets = torch.cat([torch.arange(images[i].labels.numel()) for i in chosen])
         picked = sample_minibatch(
             pool_labels, batch_size=cfg.batch_size, fg_fraction=cfg.fg_fraction, generator=gen
         )
         feats, targets = [], []
         for k, i in enumerate(chosen):
             sel = picked[owner[picked] == k]
-            if sel.numel() == 0:
-                continue
-            im = usable[i]
-            pooled, inverse = source.pooled(im.record, im.windows[offsets[sel]], rng)
-            feats.append(pooled[inverse])
-            targets.append(pool_labels[sel])
+            if sel.numel():
+                feats.append(source.rows(int(i), offsets[sel], rng))
+                targets.append(pool_labels[sel])
         x = torch.cat(feats).to(device)
         y = torch.cat(targets).to(device)
         _, logits = head(x)

@@ -49,7 +49,9 @@ def make_feature_source(detector, cache_dir: Path):
         cache = ConvFeatureCache(
             cache_dir / "conv_features", detector, dtype=detector.config.feature_cache_dtype
         )
-        return SPPWindowFeatures(detector, cache)
+        return SPPWindowFeatures(
+            detector, cache, random_scale=detector.config.finetune.random_scale
+        )
     from .rcnn_features import RCNNWindowFeatures
 
     return RCNNWindowFeatures(

@@ -4,62 +4,103 @@ Training reads window features many times (fine-tuning draws mini-batches, SVM m
 regression make a pass each), so each method gets a source that avoids repeating its expensive
 part: SPP-net keeps each image's conv maps (``ConvFeatureCache``) and pools windows from them;
 the R-CNN baseline (``spp_detect.engine.rcnn_features``) caches each window's pooled vector.
+
+Both sources share one interface, indexed by the training images given to ``prepare``:
+``rows(i, idx, rng=None) -> Tensor[len(idx), D]``, the pooled features of windows ``idx`` of
+image ``i`` (float32, on the detector's device).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import logging
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from ..datasets.records import ImageRecord
 from ..modeling.pyramid import random_scales
 from .features import ConvFeatureCache
 
 __all__ = ["SPPWindowFeatures"]
 
+logger = logging.getLogger(__name__)
+
 
 class SPPWindowFeatures:
-    """Pooled features of windows of training images, from cached conv maps.
+    """Pooled features of the training windows, from cached conv maps.
+
+    With one scale (or ``random_scale`` off) every window always pools the same cells, so when
+    all images' pooled windows fit in ``memory_bytes`` they are pooled once and kept in memory
+    (float16); training then never pools the same window twice. Otherwise windows are pooled
+    from the cached maps on demand (multi-scale training draws a random scale per window, as
+    the SPP_net code does).
 
     Args:
         detector: the ``SPPDetector`` being trained.
         cache: its ``ConvFeatureCache``.
+        random_scale: multi-scale training picks a random scale per window.
+        memory_bytes: budget of the in-memory pooled windows.
     """
 
-    def __init__(self, detector, cache: ConvFeatureCache) -> None:
+    def __init__(
+        self,
+        detector,
+        cache: ConvFeatureCache,
+        random_scale: bool = True,
+        memory_bytes: int = 4 << 30,
+    ) -> None:
         self.detector = detector
         self.cache = cache
+        self.random_scale = bool(random_scale) and len(detector.config.model.scales) > 1
+        self.memory_bytes = int(memory_bytes)
+        self.images: Sequence = []
+        self._pooled: Dict[int, Tensor] = {}
 
     def prepare(self, images) -> dict:
-        """Compute the conv maps missing from the cache (``images``: ``TrainingImage`` list);
-        returns the cache statistics."""
-        return self.cache.build([im.record for im in images])
+        """Fill the conv cache for ``images`` (``TrainingImage`` list), pool every window once
+        when it fits in memory; returns the cache statistics."""
+        self.images = list(images)
+        stats = self.cache.build([im.record for im in self.images])
+        total = sum(im.windows.shape[0] for im in self.images) * self.detector.pooled_dim * 2
+        stats["pooled_in_memory"] = (not self.random_scale) and total <= self.memory_bytes
+        self._pooled = {}
+        if stats["pooled_in_memory"]:
+            for i in tqdm(range(len(self.images)), desc="pool windows", unit="img", leave=False):
+                self._pooled[i] = self._pool(i, torch.arange(self.images[i].windows.shape[0]))
+                self._pooled[i] = self._pooled[i].to("cpu", torch.float16)
+            logger.info(
+                "pooled %d windows once, %.1f MB in memory",
+                sum(im.windows.shape[0] for im in self.images),
+                total / 1e6,
+            )
+        return stats
 
-    def pooled(
-        self,
-        record: ImageRecord,
-        windows: Tensor,
-        rng: Optional[np.random.Generator] = None,
-    ) -> Tuple[Tensor, Tensor]:
-        """Pooled features of ``windows`` of one training image.
-
-        Args:
-            record: the image.
-            windows (Tensor[R, 4]): xyxy in pixels of the original image.
-            rng: given, each window is pooled at a random scale (the SPP_net code's training
-                rule); ``None`` uses the test-time rule (area closest to 224^2, sec. 4.1).
-        Returns:
-            pooled (Tensor[U, D]) float32 on the detector's device and inverse (LongTensor[R]).
-        """
+    def _pool(self, i: int, idx: Tensor, rng: Optional[np.random.Generator] = None) -> Tensor:
+        im = self.images[i]
         device = self.detector.device
-        maps, factors = self.cache.get(record)
+        maps, factors = self.cache.get(im.record)
         maps = [m.to(device=device, dtype=torch.float32) for m in maps]
-        windows = windows.to(device)
+        windows = im.windows[idx].to(device)
         scale_idx = None
-        if rng is not None and len(maps) > 1:
+        if rng is not None and self.random_scale:
             scale_idx = random_scales(windows.shape[0], len(maps), rng)
         with torch.no_grad():
-            return self.detector.pool_from_maps(maps, factors, windows, scale_idx)
+            pooled, inverse = self.detector.pool_from_maps(maps, factors, windows, scale_idx)
+        return pooled[inverse]
+
+    def rows(self, i: int, idx: Tensor, rng: Optional[np.random.Generator] = None) -> Tensor:
+        """Pooled features ``Tensor[len(idx), D]`` of windows ``idx`` of training image ``i``.
+
+        ``rng`` given (fine-tuning) draws a random scale per window in multi-scale training;
+        ``None`` uses the test-time rule (area closest to 224^2, sec. 4.1).
+        """
+        if i in self._pooled:
+            return self._pooled[i][idx.cpu()].to(self.detector.device, torch.float32)
+        return self._pool(i, idx, rng)
+
+
+def all_rows(source, i: int) -> Tensor:
+    """Every window of training image ``i`` (test-time scale rule)."""
+    return source.rows(i, torch.arange(source.images[i].windows.shape[0]))

@@ -1,0 +1,248 @@
+"""The whole pipeline on a generated dataset, with no set-up: the library behind
+``spp-detect demo``.
+
+Stages (each logged as it starts, each reusing what an earlier run of the same folder left):
+
+1. a toy VOC dataset (``datasets.toy_voc``: shapes on clutter, VOC layout);
+2. selective search proposals for its train and test images (cached);
+3. SPP-net training with the ImageNet-pretrained EfficientNet-Lite0 backbone
+   (``configs/toy.yaml``: fine-tuning of fc6/fc7/fc8, SVMs, box regression; sec. 4.1);
+4. VOC07 evaluation on the test split (11-point AP per class);
+5. ``detect`` over the test images, with annotated copies;
+6. a short speed comparison with R-CNN on the same images and windows (``engine.benchmark``;
+   R-CNN timed on its first windows and extrapolated, so that it takes seconds, not minutes).
+
+Everything goes under one folder; ``demo_summary.json`` lists where.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+from ..utils import atomic_write_json
+
+__all__ = ["TOY_CONFIG", "QUICK_OVERRIDES", "run_demo", "format_demo_report"]
+
+logger = logging.getLogger(__name__)
+
+TOY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+
+# --quick: a smoke run (about a third of the default's time), not a meaningful mAP.
+QUICK_OVERRIDES = ("proposals.max_proposals=500", "finetune.iterations=100")
+
+_NUM_STAGES = 6
+
+
+def _stage(k: int, text: str) -> float:
+    logger.info("[demo %d/%d] %s", k, _NUM_STAGES, text)
+    return time.perf_counter()
+
+
+def _toy_dataset(root: Path, num_train: int, num_test: int, seed: int) -> Path:
+    """The toy dataset at ``root``: reused when an earlier run wrote it with the same
+    arguments, (re)generated otherwise."""
+    from ..datasets.toy_voc import make_toy_voc
+
+    meta_path = root / "VOC2007" / "toy_voc.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        wanted = {"seed": seed, "num_train": num_train, "num_val": 0, "num_test": num_test}
+        if all(meta.get(k) == v for k, v in wanted.items()):
+            logger.info("reusing the toy dataset in %s", root)
+            return root
+    return make_toy_voc(
+        root, num_train=num_train, num_val=0, num_test=num_test, seed=seed, overwrite=True
+    )
+
+
+def run_demo(
+    output_dir: Union[str, Path] = "spp_demo",
+    device: Optional[str] = None,
+    num_train: int = 40,
+    num_test: int = 20,
+    quick: bool = False,
+    seed: int = 0,
+    score_thresh: float = 0.0,
+    bench_images: int = 2,
+    rcnn_max_windows: int = 32,
+    overrides: Sequence[str] = (),
+) -> Dict[str, Any]:
+    """Generate data, train, evaluate, detect and time SPP-net against R-CNN.
+
+    Args:
+        output_dir: everything goes here (``data/``, ``cache/``, ``model/``, ``eval/``,
+            ``detections/``, ``speed/``, ``demo_summary.json``).
+        device: "cpu", "cuda" or None (CUDA when present).
+        num_train, num_test: toy images per split.
+        quick: a smoke run: fewer proposals and fine-tuning iterations (``QUICK_OVERRIDES``).
+        seed: the dataset's seed.
+        score_thresh: the ``detect`` stage keeps detections scoring above this (SVM margin:
+            0 is the decision boundary).
+        bench_images: test images timed in the speed comparison (0: skip it).
+        rcnn_max_windows: R-CNN is timed on this many windows per image and extrapolated.
+        overrides: ``KEY=VALUE`` config overrides on top of ``configs/toy.yaml``.
+    Returns:
+        The summary written to ``demo_summary.json``: ``mAP``, ``AP``, ``speedup``, per-stage
+        ``seconds`` and the ``outputs`` paths.
+    """
+    import torch
+
+    from ..config import load_config
+    from ..datasets.voc import VOCDataset
+    from ..evaluation.plots import format_ap_table
+    from .detect_folder import detect_folder
+    from .inference import dataset_proposals, test_detector
+    from .train import train_detector
+
+    if num_train < 1 or num_test < 1:
+        raise ValueError(f"--num-train and --num-test must be >= 1, got {num_train}, {num_test}")
+    if bench_images < 0 or rcnn_max_windows < 0:
+        raise ValueError("--bench-images and --rcnn-max-windows must be >= 0")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    config = load_config(TOY_CONFIG, (QUICK_OVERRIDES if quick else ()) + tuple(overrides))
+    data_root, cache_dir = out / "data", out / "cache"
+    seconds: Dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t = _stage(1, f"generating the toy VOC dataset ({num_train} train, {num_test} test images)")
+    _toy_dataset(data_root, num_train, num_test, seed)
+    train_set = VOCDataset(data_root, year="2007", split="train")
+    test_set = VOCDataset(data_root, year="2007", split="test", class_names=train_set.class_names)
+    seconds["dataset"] = time.perf_counter() - t
+
+    t = _stage(
+        2,
+        f"selective search proposals ({config.proposals.mode}, up to "
+        f"{config.proposals.max_proposals} per image, {config.proposals.jobs} jobs)",
+    )
+    for ds in (train_set, test_set):
+        dataset_proposals(ds, config, cache_dir)
+    seconds["proposals"] = time.perf_counter() - t
+
+    t = _stage(
+        3,
+        f"training SPP-net ({config.model.backbone}, scales {list(config.model.scales)}, "
+        f"fc {config.model.hidden}): fine-tuning, SVMs, box regression",
+    )
+    train_log = train_detector(
+        train_set, out / "model", config, method="spp", device=device, pretrained=True,
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    model_path = Path(train_log["model"])
+    seconds["train"] = time.perf_counter() - t
+
+    t = _stage(4, f"evaluating on the {len(test_set)} test images (VOC07 11-point AP)")
+    metrics = test_detector(
+        model_path, test_set, out / "eval", device=device, cache_dir=cache_dir, use_07_metric=True
+    )
+    table = format_ap_table(metrics)
+    seconds["eval"] = time.perf_counter() - t
+
+    t = _stage(5, "detect on the test images (annotated copies)")
+    det_summary = detect_folder(
+        model_path, [r.path for r in test_set.records], out / "detections",
+        score_thresh=score_thresh, device=device, jobs=max(1, config.proposals.jobs),
+        exist_ok=True,
+    )  # fmt: skip
+    seconds["detect"] = time.perf_counter() - t
+
+    speed: Optional[Dict[str, Any]] = None
+    if bench_images > 0:
+        from .benchmark import SpeedSettings, run_speed_report
+
+        t = _stage(
+            6,
+            f"speed comparison with R-CNN on {bench_images} test images (R-CNN timed on "
+            f"{rcnn_max_windows} windows per image, extrapolated)",
+        )
+        settings = SpeedSettings(
+            methods=("spp-1scale", "rcnn"),
+            num_images=bench_images,
+            warmup=1,
+            rcnn_max_windows=rcnn_max_windows,
+            single_scale=tuple(config.model.scales),
+        )
+        speed = run_speed_report(
+            data_root, out / "speed", year="2007", split="test", config=config,
+            settings=settings, model=model_path, device=device,
+            cache_dir=cache_dir / "proposals",
+        )  # fmt: skip
+        seconds["speed"] = time.perf_counter() - t
+    else:
+        logger.info("[demo %d/%d] speed comparison skipped (--bench-images 0)", 6, _NUM_STAGES)
+    seconds["total"] = time.perf_counter() - t_all
+
+    summary: Dict[str, Any] = {
+        "mAP": metrics["mAP"],
+        "metric": metrics.get("metric"),
+        "AP": metrics["AP"],
+        "ap_table": table,
+        "speedup": None if speed is None else speed["speedup"].get("spp-1scale"),
+        "seconds_per_image": None
+        if speed is None
+        else {m: s["total"] for m, s in speed["methods"].items()},
+        "rcnn_extrapolated_from_windows": rcnn_max_windows if speed is not None else None,
+        "detect": {k: det_summary[k] for k in ("images", "processed", "skipped", "detections")},
+        "seconds": seconds,
+        "settings": {
+            "num_train": num_train,
+            "num_test": num_test,
+            "quick": quick,
+            "seed": seed,
+            "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            "score_thresh": score_thresh,
+            "config": config.to_dict(),
+        },
+        "outputs": {
+            "folder": str(out),
+            "dataset": str(data_root / "VOC2007"),
+            "model": str(model_path),
+            "metrics": str(out / "eval" / "metrics.json"),
+            "detections": det_summary["outputs"]["detections"],
+            "annotated_images": det_summary["outputs"]["images"],
+            "speed_report": None if speed is None else str(out / "speed" / "speed.md"),
+            "summary": str(out / "demo_summary.json"),
+        },
+    }
+    atomic_write_json(out / "demo_summary.json", summary)
+    logger.info("demo finished in %.0f s", seconds["total"])
+    return summary
+
+
+def format_demo_report(summary: Dict[str, Any]) -> str:
+    """What ``spp-detect demo`` prints at the end: the AP table, the speed-up, the paths."""
+    o = summary["outputs"]
+    lines = ["", "SPP-net on the toy dataset (test split):", summary["ap_table"], ""]
+    if summary.get("speedup") is not None:
+        per = summary["seconds_per_image"]
+        lines.append(
+            f"speed (proposals excluded): SPP-net {per['spp-1scale']:.3f} s/image, R-CNN "
+            f"{per['rcnn']:.3f} s/image (extrapolated from "
+            f"{summary['rcnn_extrapolated_from_windows']} windows): "
+            f"SPP-net is {summary['speedup']:.1f}x faster"
+        )
+    d = summary["detect"]
+    lines += [
+        f"detect: {d['processed']} images, {d['detections']} detections",
+        "",
+        f"model:            {o['model']}",
+        f"metrics:          {o['metrics']}",
+        f"detections:       {o['detections']}",
+        f"annotated images: {o['annotated_images']}",
+    ]
+    if o.get("speed_report"):
+        lines.append(f"speed report:     {o['speed_report']}")
+    lines += [
+        f"summary:          {o['summary']}",
+        f"total time:       {summary['seconds']['total']:.0f} s",
+    ]
+    return "\n".join(lines)
