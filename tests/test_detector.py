@@ -140,3 +140,30 @@ def test_softmax_classifier_needs_no_svms():
     image = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
     d = det.detect(image, _windows(10, 48, 48).numpy())
     assert ((d.scores >= 0) & (d.scores <= 1)).all()
+
+
+def test_truncated_svd_matches_low_rank_reference():
+    from spp_detect.modeling.head import truncated_svd_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 30)
+    x = torch.randn(7, 40)
+    # Reference: the best rank-r approximation via numpy's SVD (Eckart-Young).
+    w = layer.weight.detach().double().numpy()
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    for r in (1, 5, 29):
+        approx = (u[:, :r] * s[:r]) @ vt[:r]
+        ref = x.double().numpy() @ approx.T + layer.bias.detach().double().numpy()
+        got = truncated_svd_linear(layer, r)(x).detach().double().numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="rank"):
+        truncated_svd_linear(layer, 30)
+
+
+def test_detect_with_svd_compressed_head():
+    det = _detector(score_thresh=-1e9, svd_fc6=8, svd_fc7=4)
+    image = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    d = det.detect(image, _windows(10, 48, 48).numpy())
+    assert det.head.svd_ranks == (8, 4) and d.boxes.shape[1] == 4
+    with pytest.raises(ValueError, match="before compressing"):
+        det.save("unused.pt")

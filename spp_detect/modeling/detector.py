@@ -140,6 +140,7 @@ class WindowDetector(nn.Module):
         """
         timer = timer or null_timer()
         self.eval()
+        self._apply_svd()
         h, w = int(image.shape[0]), int(image.shape[1])
         if proposals is None:
             from ..proposals.selective_search import selective_search
@@ -175,6 +176,18 @@ class WindowDetector(nn.Module):
             dets = self.postprocess(boxes, scores, (h, w))
         return dets.to("cpu")
 
+    def _apply_svd(self) -> None:
+        """Compress fc6/fc7 by truncated SVD once, when ``test.svd_fc6/svd_fc7`` ask for it."""
+        want = (self.config.test.svd_fc6, self.config.test.svd_fc7)
+        if want == self.head.svd_ranks:
+            return
+        if self.head.svd_ranks != (0, 0):
+            raise ValueError(
+                f"fc layers already compressed to ranks {self.head.svd_ranks}; reload the model "
+                f"to use ranks {want}"
+            )
+        self.head.compress(*want)
+
     def postprocess(self, boxes: Tensor, scores: Tensor, image_size: Tuple[int, int]) -> Detections:
         """Threshold, per-class NMS and the per-image cap.
 
@@ -193,6 +206,8 @@ class WindowDetector(nn.Module):
 
     # -- saving ------------------------------------------------------------------------------
     def state_for_saving(self) -> Dict[str, Any]:
+        if self.head.svd_ranks != (0, 0):
+            raise ValueError("save the model before compressing its fc layers (test.svd_*)")
         return {
             "format": MODEL_FORMAT,
             "method": self.method,

@@ -7,7 +7,34 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FCHead"]
+__all__ = ["FCHead", "truncated_svd_linear"]
+
+
+def truncated_svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
+    """Replace ``W`` (out x in) by ``U_t S_t V_t^T``: two layers, ``in -> rank -> out``.
+
+    Fast R-CNN (Girshick 2015, sec. 3.1): fc6 and fc7 compressed to their top 1024 and 256
+    singular values cut detection time by 30% for -0.3 mAP. Multiply-adds per window go from
+    ``in * out`` to ``rank * (in + out)``.
+
+    Args:
+        layer: a trained ``nn.Linear``.
+        rank: singular values to keep (``1 <= rank < min(in, out)``).
+    Returns:
+        ``nn.Sequential(Linear(in, rank, bias=False), Linear(rank, out))`` computing the
+        rank-``rank`` approximation of ``layer``.
+    """
+    out_f, in_f = layer.weight.shape
+    if not 1 <= rank < min(out_f, in_f):
+        raise ValueError(f"SVD rank must lie in [1, {min(out_f, in_f) - 1}], got {rank}")
+    u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+    first = nn.Linear(in_f, rank, bias=False)
+    second = nn.Linear(rank, out_f)
+    with torch.no_grad():
+        first.weight.copy_((s[:rank, None] * vh[:rank]).to(layer.weight.dtype))
+        second.weight.copy_(u[:, :rank].to(layer.weight.dtype))
+        second.bias.copy_(layer.bias.detach())
+    return nn.Sequential(first, second).to(layer.weight.device)
 
 
 class FCHead(nn.Module):
@@ -40,6 +67,7 @@ class FCHead(nn.Module):
         self.fc7 = nn.Linear(hidden, hidden)
         self.cls_score = nn.Linear(hidden, num_classes + 1)
         self.dropout = nn.Dropout(dropout)
+        self.svd_ranks = (0, 0)
         for layer in (self.fc6, self.fc7):
             # fc6/fc7 have no ImageNet weights for a pooled-pyramid input, so they start from
             # a He init (ReLU follows) and are learnt by fine-tuning.
@@ -47,6 +75,16 @@ class FCHead(nn.Module):
             nn.init.zeros_(layer.bias)
         nn.init.normal_(self.cls_score.weight, std=init_std)
         nn.init.zeros_(self.cls_score.bias)
+
+    def compress(self, fc6_rank: int, fc7_rank: int) -> "FCHead":
+        """Truncated SVD of fc6 and fc7 in place (``0`` leaves a layer as it is); for testing a
+        trained head faster (Fast R-CNN: ranks 1024 and 256 for 4096-wide layers)."""
+        if fc6_rank:
+            self.fc6 = truncated_svd_linear(self.fc6, fc6_rank)
+        if fc7_rank:
+            self.fc7 = truncated_svd_linear(self.fc7, fc7_rank)
+        self.svd_ranks = (int(fc6_rank), int(fc7_rank))
+        return self
 
     def fc7_features(self, pooled: Tensor) -> Tensor:
         """Tensor[R, in_features] -> Tensor[R, hidden] (fc7 after ReLU: the SVMs' features)."""
