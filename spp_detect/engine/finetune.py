@@ -22,6 +22,9 @@ __all__ = ["TrainingImage", "make_training_images", "finetune_head", "num_iterat
 
 logger = logging.getLogger(__name__)
 
+# Images whose windows set the fc6 input scale.
+_INPUT_SCALE_IMAGES = 20
+
 
 @dataclass
 class TrainingImage:
@@ -103,6 +106,13 @@ def finetune_head(
     opt = torch.optim.SGD(
         head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
+    sample = torch.cat(
+        [
+            source.rows(i, torch.arange(min(64, images[i].windows.shape[0])))
+            for i in usable[:_INPUT_SCALE_IMAGES]
+        ]
+    )
+    logger.info("fc6 input scale %.4g", head.set_input_scale(sample))
     head.train()
     log: List[Dict[str, float]] = []
     run_loss = run_acc = 0.0

@@ -68,6 +68,12 @@ class FCHead(nn.Module):
         self.cls_score = nn.Linear(hidden, num_classes + 1)
         self.dropout = nn.Dropout(dropout)
         self.svd_ranks = (0, 0)
+        # Pooled conv features are multiplied by this before fc6. fc6/fc7 start from random init
+        # here (there are no ImageNet-trained fc layers for a pooled pyramid of these backbones),
+        # and pooled activations can be large (EfficientNet-Lite0's have norms of ~650), so
+        # fine-tuning sets it once so that each input dimension has unit RMS
+        # (``set_input_scale``): a fixed linear rescale that keeps SGD well conditioned.
+        self.register_buffer("input_scale", torch.tensor(1.0))
         for layer in (self.fc6, self.fc7):
             # fc6/fc7 have no ImageNet weights for a pooled-pyramid input, so they start from
             # a He init (ReLU follows) and are learnt by fine-tuning.
@@ -86,9 +92,17 @@ class FCHead(nn.Module):
         self.svd_ranks = (int(fc6_rank), int(fc7_rank))
         return self
 
+    @torch.no_grad()
+    def set_input_scale(self, sample: Tensor) -> float:
+        """Set ``input_scale`` so that a sample ``Tensor[N, in_features]`` of pooled features has
+        unit RMS per dimension; returns the scale."""
+        rms = float(sample.double().pow(2).mean().sqrt())
+        self.input_scale.fill_(1.0 / rms if rms > 0 else 1.0)
+        return float(self.input_scale)
+
     def fc7_features(self, pooled: Tensor) -> Tensor:
         """Tensor[R, in_features] -> Tensor[R, hidden] (fc7 after ReLU: the SVMs' features)."""
-        x = self.dropout(torch.relu(self.fc6(pooled)))
+        x = self.dropout(torch.relu(self.fc6(pooled * self.input_scale)))
         return self.dropout(torch.relu(self.fc7(x)))
 
     def forward(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:

@@ -1,0 +1,342 @@
+"""Window projection (SPP-net appendix A) and window pyramid pooling against slow references."""
+
+import importlib.util
+import json
+from fractions import Fraction
+from math import ceil, floor
+from pathlib import Path
+
+import pytest
+import torch
+
+import spp_detect.modeling.window_pool as window_pool
+from spp_detect.modeling.spp import SpatialPyramidPooling
+from spp_detect.modeling.window_pool import pool_windows, project_windows
+
+LEVEL_SETS = [(6, 3, 2, 1), (4, 3, 2, 1), (5, 2), (1,)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Thousands of tiny ops: on a busy 2-core machine, intra-op threads wait on each other at
+    # every op (seen: 20x slower); one thread keeps this file fast. Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------
+# references
+# ------------------------------------------------------------------------------------------
+
+
+def ref_project(window, stride, offset, height, width):
+    """Appendix A for one window, in Python floats."""
+    x1, y1, x2, y2 = (float(v) for v in window)
+    cells = []
+    for lo_px, hi_px, size in ((x1, x2, width), (y1, y2, height)):
+        lo = floor((lo_px - offset) / stride + 0.5)
+        hi = ceil((hi_px - 1 - offset) / stride - 0.5)
+        if lo > hi:
+            lo = hi = (lo + hi) // 2
+        cells.append((min(max(lo, 0), size - 1), min(max(hi, 0), size - 1)))
+    (cx1, cx2), (cy1, cy2) = cells
+    return [cx1, cy1, cx2, cy2]
+
+
+def ref_bins(size, n):
+    return [(floor(Fraction(i * size, n)), ceil(Fraction((i + 1) * size, n))) for i in range(n)]
+
+
+def ref_spp(x, levels):
+    """SPP of one map x[C, H, W] in float64: max over each bin's slice, layout (C, n, n)."""
+    out = []
+    for n in levels:
+        for_level = []
+        for y0, y1 in ref_bins(x.shape[1], n):
+            for x0, x1 in ref_bins(x.shape[2], n):
+                for_level.append(x[:, y0:y1, x0:x1].amax(dim=(1, 2)))
+        out.append(torch.stack(for_level, dim=1).reshape(-1))  # [C, n*n] -> (C, n, n)
+    return torch.cat(out)
+
+
+def ref_pool(fmap, cells, levels):
+    """Per-window loop: crop the inclusive cell range, run the reference SPP."""
+    rows = [ref_spp(fmap[:, y1 : y2 + 1, x1 : x2 + 1], levels) for x1, y1, x2, y2 in cells.tolist()]
+    return torch.stack(rows)
+
+
+def random_cells(gen, num, height, width):
+    """Valid inclusive cell ranges, plus the whole map, single cells, a full row and column."""
+    xs = torch.randint(0, width, (num, 2), generator=gen).sort(dim=1).values
+    ys = torch.randint(0, height, (num, 2), generator=gen).sort(dim=1).values
+    cells = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1)
+    special = torch.tensor(
+        [
+            [0, 0, width - 1, height - 1],
+            [0, 0, 0, 0],
+            [width - 1, height - 1, width - 1, height - 1],
+            [width // 2, height // 2, width // 2, height // 2],
+            [0, height - 1, width - 1, height - 1],
+            [width - 1, 0, width - 1, height - 1],
+        ]
+    )
+    return torch.cat([cells, special])
+
+
+def map_sizes(gen):
+    """Every height and every width in 1..40, each paired with a random other side."""
+    other = torch.randint(1, 41, (80,), generator=gen).tolist()
+    tall = [(h, other[h - 1]) for h in range(1, 41)]
+    wide = [(other[40 + w - 1], w) for w in range(1, 41)]
+    return tall + wide
+
+
+# ------------------------------------------------------------------------------------------
+# project_windows
+# ------------------------------------------------------------------------------------------
+
+
+def test_project_hand_worked():
+    # ZF-5: stride 16, cell j centred on pixel 16 j; a 4 x 4 map (a 64 x 64 image).
+    windows = torch.tensor(
+        [
+            [0, 0, 16, 16],  # pixels 0..15: centres 0 and 16 are nearest -> cells 0..1
+            [8, 8, 40, 24],  # x: 8 -> floor(1.0) = 1, 39 -> ceil(1.9375) = 2; y: 1, ceil(.9375)
+            [24.5, 24.5, 25, 25],  # left 2 > right 1: collapses to (2 + 1) // 2 = 1
+            [40, 40, 20, 20],  # inverted: left 3, right ceil(19/16 - .5) = 1 -> cell 2
+            [200, 0, 300, 16],  # right of the map: clamped to the last column
+            [-40, -40, 10, 10],  # left = floor(-2.5 + .5) = -2 -> 0; right = ceil(0.0625) = 1
+            [0, 0, 64, 64],  # the whole image: the whole map
+        ]
+    )
+    cells = project_windows(windows, 16, 0.0, (4, 4))
+    assert cells.dtype == torch.long
+    assert cells.tolist() == [
+        [0, 0, 1, 1],
+        [1, 1, 2, 1],
+        [1, 1, 1, 1],
+        [2, 2, 2, 2],
+        [3, 0, 3, 1],
+        [0, 0, 1, 1],
+        [0, 0, 3, 3],
+    ]
+    # centre offset 8: x edges 20 -> floor(12/16 + .5) = 1, 59 -> ceil(51/16 - .5) = 3
+    # (offset 0 would give 1 and 4)
+    assert project_windows(torch.tensor([[20.0, 20, 60, 60]]), 16, 8.0, (10, 10)).tolist() == [
+        [1, 1, 3, 3]
+    ]
+    assert project_windows(torch.tensor([[20.0, 20, 60, 60]]), 16, 0.0, (10, 10)).tolist() == [
+        [1, 1, 4, 4]
+    ]
+
+
+@pytest.mark.parametrize("stride, offset", [(16, 0.0), (16, 7.5), (8, -3.0), (1, 0.0), (32, 12.25)])
+def test_project_matches_loop(stride, offset):
+    gen = torch.Generator().manual_seed(stride)
+    height, width = 7, 11
+    extent = stride * torch.tensor([width, height, width, height], dtype=torch.float64)
+    num = 400
+    # anywhere from well left/above of the image to well right/below of it
+    corner = (torch.rand(num, 4, generator=gen, dtype=torch.float64) * 1.6 - 0.3) * extent
+    size = torch.rand(num, 2, generator=gen, dtype=torch.float64) * stride * 3
+    tiny = torch.cat([corner[:, :2], corner[:, :2] + size], dim=1)  # up to 3 cells wide
+    zero = torch.cat([corner[:, :2], corner[:, :2]], dim=1)  # zero width and height
+    windows = torch.cat([corner, tiny, zero, zero.round(), corner.round()])  # corner: any order
+    for dtype in (torch.float64, torch.float32):
+        w = windows.to(dtype)
+        expected = [ref_project(v, stride, offset, height, width) for v in w.double().tolist()]
+        cells = project_windows(w, stride, offset, (height, width))
+        assert cells.tolist() == expected
+        x1, y1, x2, y2 = cells.unbind(1)
+        assert bool(((0 <= x1) & (x1 <= x2) & (x2 < width)).all())
+        assert bool(((0 <= y1) & (y1 <= y2) & (y2 < height)).all())
+
+
+def test_project_integer_windows_and_empty():
+    windows = torch.tensor([[0, 0, 16, 16]], dtype=torch.int64)
+    assert project_windows(windows, 16, 0.0, (4, 4)).tolist() == [[0, 0, 1, 1]]
+    empty = project_windows(torch.zeros(0, 4), 16, 0.0, (4, 4))
+    assert empty.shape == (0, 4) and empty.dtype == torch.long
+
+
+@pytest.mark.parametrize(
+    "windows, stride, hw",
+    [
+        (torch.zeros(3, 5), 16, (4, 4)),
+        (torch.zeros(4), 16, (4, 4)),
+        (torch.zeros(1, 4), 0, (4, 4)),
+        (torch.zeros(1, 4), 16.5, (4, 4)),
+        (torch.zeros(1, 4), 16, (0, 4)),
+        (torch.tensor([[0.0, 0.0, float("nan"), 4.0]]), 16, (4, 4)),
+    ],
+)
+def test_project_invalid(windows, stride, hw):
+    with pytest.raises(ValueError):
+        project_windows(windows, stride, 0.0, hw)
+
+
+# ------------------------------------------------------------------------------------------
+# pool_windows
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_pool_matches_loop(levels, monkeypatch):
+    gen = torch.Generator().manual_seed(sum(levels))
+    num_bins = sum(n * n for n in levels)
+    for i, (height, width) in enumerate(map_sizes(gen)):
+        fmap = torch.randn(3, height, width, generator=gen, dtype=torch.float64)
+        cells = random_cells(gen, 6, height, width)
+        expected = ref_pool(fmap, cells, levels)
+        out = pool_windows(fmap, cells, levels)
+        assert out.shape == (cells.shape[0], 3 * num_bins) and out.dtype == torch.float64
+        assert torch.equal(out, expected), (height, width)
+        if i % 4 == 0:
+            # autograd path (also records the argmax cells), and one window per CPU chunk
+            grad_out = pool_windows(fmap.clone().requires_grad_(), cells, levels)
+            assert torch.equal(grad_out.detach(), expected), (height, width)
+            with monkeypatch.context() as m:
+                m.setattr(window_pool, "_CHUNK_BYTES", 1)
+                assert torch.equal(pool_windows(fmap, cells, levels), expected), (height, width)
+                grad_out = pool_windows(fmap.clone().requires_grad_(), cells, levels)
+                assert torch.equal(grad_out.detach(), expected), (height, width)
+
+
+def test_pool_whole_map_equals_spp_layer():
+    gen = torch.Generator().manual_seed(5)
+    for height, width in [(1, 1), (3, 40), (43, 57), (13, 13)]:
+        fmap = torch.randn(4, height, width, generator=gen)
+        cells = torch.tensor([[0, 0, width - 1, height - 1]] * 2)
+        out = pool_windows(fmap, cells)
+        expected = SpatialPyramidPooling((6, 3, 2, 1))(fmap[None])
+        assert torch.equal(out, expected.expand(2, -1))
+
+
+def test_pool_int32_cells_and_list_levels():
+    gen = torch.Generator().manual_seed(6)
+    fmap = torch.randn(2, 9, 14, generator=gen, dtype=torch.float64)
+    cells = random_cells(gen, 10, 9, 14)
+    out = pool_windows(fmap, cells.int(), [6, 3, 2, 1])
+    assert torch.equal(out, ref_pool(fmap, cells, (6, 3, 2, 1)))
+
+
+@pytest.mark.parametrize("levels", [(6, 3, 2, 1), (5, 2)])
+def test_pool_gradient_matches_loop(levels, monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    num_bins = sum(n * n for n in levels)
+    for height, width in [(1, 1), (6, 9), (17, 12), (40, 33)]:
+        fmap = torch.randn(3, height, width, generator=gen, dtype=torch.float64)
+        cells = random_cells(gen, 25, height, width)
+        weight = torch.randn(cells.shape[0], 3 * num_bins, generator=gen, dtype=torch.float64)
+        f2 = fmap.clone().requires_grad_()
+        (ref_pool(f2, cells, levels) * weight).sum().backward()
+        for chunk_bytes in (window_pool._CHUNK_BYTES, 1):
+            monkeypatch.setattr(window_pool, "_CHUNK_BYTES", chunk_bytes)
+            f1 = fmap.clone().requires_grad_()
+            (pool_windows(f1, cells, levels) * weight).sum().backward()
+            torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_pool_gradient_with_ties_keeps_total():
+    # A constant map ties every cell: each bin's gradient goes to one of its cells, so it must
+    # land inside the window and sum to the upstream gradient.
+    fmap = torch.zeros(2, 8, 10, dtype=torch.float64, requires_grad=True)
+    cells = torch.tensor([[2, 1, 6, 5], [0, 0, 9, 7], [4, 4, 4, 4]])
+    weight = torch.rand(3, 2 * 50, dtype=torch.float64)
+    (pool_windows(fmap, cells) * weight).sum().backward()
+    torch.testing.assert_close(fmap.grad.sum(), weight.sum())
+    fmap.grad = None
+    (pool_windows(fmap, cells[:1]) * weight[:1]).sum().backward()
+    outside = torch.ones(8, 10, dtype=torch.bool)
+    outside[1:6, 2:7] = False
+    assert bool((fmap.grad[:, outside] == 0).all())
+    torch.testing.assert_close(fmap.grad.sum(), weight[0].sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_pool_low_precision(dtype):
+    gen = torch.Generator().manual_seed(8)
+    for height, width in [(1, 5), (13, 17), (40, 40)]:
+        fmap = torch.randn(4, height, width, generator=gen).to(dtype)
+        cells = random_cells(gen, 20, height, width)
+        out = pool_windows(fmap, cells)
+        assert out.dtype == dtype
+        # max pooling is exact: equal to the float64 loop on the same values
+        assert torch.equal(out, ref_pool(fmap.double(), cells, (6, 3, 2, 1)).to(dtype))
+        fmap.requires_grad_()
+        out = pool_windows(fmap, cells)
+        assert torch.equal(out.detach(), ref_pool(fmap.double(), cells, (6, 3, 2, 1)).to(dtype))
+        out.sum().backward()
+        assert fmap.grad.dtype == dtype and fmap.grad.sum().item() == out.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_pool_zero_windows(dtype):
+    fmap = torch.randn(5, 6, 7).to(dtype)
+    out = pool_windows(fmap, torch.zeros(0, 4, dtype=torch.long))
+    assert out.shape == (0, 5 * 50) and out.dtype == dtype
+    out = pool_windows(fmap.requires_grad_(), torch.zeros(0, 4, dtype=torch.long), (4, 3, 2, 1))
+    assert out.shape == (0, 5 * 30) and out.dtype == dtype
+    out.sum().backward()
+    assert fmap.grad.shape == fmap.shape and not fmap.grad.any()
+
+
+@pytest.mark.parametrize(
+    "fmap_shape, cells, match",
+    [
+        ((1, 3, 6, 7), [[0, 0, 1, 1]], "feature_map"),
+        ((3, 0, 7), [[0, 0, 1, 1]], "feature_map"),
+        ((3, 6, 7), [[0, 0, 1]], "cells"),
+        ((3, 6, 7), [[0, 0, 7, 1]], "W=7"),  # x2 = W
+        ((3, 6, 7), [[0, 0, 1, 6]], "H=6"),  # y2 = H
+        ((3, 6, 7), [[-1, 0, 1, 1]], "cells"),
+        ((3, 6, 7), [[3, 0, 2, 1]], "x1 <= x2"),  # inverted
+        ((3, 6, 7), [[0.0, 0.0, 1.0, 1.0]], "integer"),
+    ],
+)
+def test_pool_invalid(fmap_shape, cells, match):
+    with pytest.raises(ValueError, match=match):
+        pool_windows(torch.zeros(fmap_shape), torch.tensor(cells))
+
+
+def test_pool_invalid_levels():
+    with pytest.raises(ValueError, match="levels"):
+        pool_windows(torch.zeros(2, 3, 3), torch.zeros(1, 4, dtype=torch.long), (3, 0))
+
+
+def test_bench_pool_agrees_with_roi_pool(tmp_path):
+    # torchvision's roi_pool is an independent implementation of the same bins (up to float32
+    # rounding of its bin edges): tools/bench_pool.py must find equal outputs where they agree.
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_pool.py"
+    spec = importlib.util.spec_from_file_location("bench_pool", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = "--channels 8 --windows 60 --warmup 0 --repeats 1".split()
+    args = bench.get_args_parser().parse_args(argv + ["--output", str(tmp_path / "bench.json")])
+    result = bench.main(args)
+    agree = result["agreement"]
+    assert agree["windows_with_same_bins"] > 50
+    assert agree["of_those_outputs_equal"] == agree["windows_with_same_bins"]
+    assert json.loads((tmp_path / "bench.json").read_text())["windows"] == 60
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_pool_cuda(dtype):
+    gen = torch.Generator().manual_seed(9)
+    for height, width in [(1, 1), (13, 17), (43, 57)]:
+        fmap = torch.randn(8, height, width, generator=gen).to(dtype)
+        cells = random_cells(gen, 50, height, width)
+        out = pool_windows(fmap.cuda(), cells.cuda())
+        assert out.is_cuda and out.dtype == dtype
+        assert torch.equal(out.cpu(), ref_pool(fmap.double(), cells, (6, 3, 2, 1)).to(dtype))
+        windows = torch.rand(20, 4, generator=gen) * 700
+        assert torch.equal(
+            project_windows(windows.cuda(), 16, 0.0, (height, width)).cpu(),
+            project_windows(windows, 16, 0.0, (height, width)),
+        )
+        fmap_grad = fmap.double().cuda().requires_grad_()
+        pool_windows(fmap_grad, cells.cuda()).sum().backward()
+        assert fmap_grad.grad.is_cuda

@@ -1,0 +1,187 @@
+"""Benchmark window pyramid pooling: ``pool_windows`` vs ``torchvision.ops.roi_pool`` per level.
+
+Setting (SPP-net sec. 4.1): the conv5 map of a 688-pixel image (ZF-5, stride 16: 43 x 57 cells
+for a 688 x 917 image, 256 channels) and 2,000 windows; the 6x6, 3x3, 2x2, 1x1 pyramid.
+``roi_pool`` is called once per level, on boxes given in cell coordinates (``spatial_scale=1``):
+it rounds ``x1, x2`` and treats ``x2`` as inclusive (``roi_width = x2 - x1 + 1``), so both pool
+exactly the same cells. Its bins use float32 ``floor(i * (w / n))`` and ``ceil((i + 1) * (w / n))``,
+which round differently from the exact rule now and then; the agreement check reports that.
+
+    python tools/bench_pool.py --device cpu --output bench_pool.json
+
+On a machine shared with other busy processes, libgomp's spinning threads make every parallel
+op wait for a descheduled thread: many-op code such as pool_windows slows down by 10x or more
+with 2+ threads. Measure there with ``--threads 1`` or ``OMP_WAIT_POLICY=PASSIVE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torchvision.ops import roi_pool
+
+from spp_detect.modeling.window_pool import pool_windows, project_windows
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--image-hw", type=int, nargs=2, default=[688, 917], help="image (H, W) px")
+    p.add_argument("--stride", type=int, default=16, help="conv5 stride of ZF-5")
+    p.add_argument("--channels", type=int, default=256, help="conv5 channels of ZF-5")
+    p.add_argument("--windows", type=int, default=2000, help="windows per image (sec. 4.1)")
+    p.add_argument("--levels", type=int, nargs="+", default=[6, 3, 2, 1])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
+    return p
+
+
+def random_windows(num: int, image_hw, gen: torch.Generator) -> torch.Tensor:
+    """Proposal-like windows inside the image: log-uniform sides from 16 px to the image side."""
+    height, width = image_hw
+    sides = torch.tensor([width, height], dtype=torch.float64)
+    frac = torch.exp(torch.rand(num, 2, generator=gen, dtype=torch.float64) * torch.log(sides / 16))
+    size = 16 * frac
+    start = torch.rand(num, 2, generator=gen, dtype=torch.float64) * (sides - size)
+    return torch.cat([start, start + size], dim=1).float()
+
+
+def _time(fns: dict, device: str, warmup: int, repeats: int) -> dict:
+    """Median and min milliseconds per function; the functions take turns in every repeat so
+    that load changes on a shared machine hit all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(1000.0 * (time.perf_counter() - start))
+    return {
+        name: {"median_ms": statistics.median(t), "min_ms": min(t), "all_ms": t}
+        for name, t in times.items()
+    }
+
+
+def _roi_pool_bins_exact(cells: torch.Tensor, levels) -> torch.Tensor:
+    """Windows where roi_pool's float32 bin edges equal the exact floor/ceil rule (Bool[R])."""
+    same = torch.ones(cells.shape[0], dtype=torch.bool)
+    for side in (cells[:, 2] - cells[:, 0] + 1, cells[:, 3] - cells[:, 1] + 1):
+        for n in levels:
+            i = torch.arange(n + 1)
+            size32 = side.float()[:, None] / float(n)  # roi_pool: float bin_size = w / n
+            start32 = torch.floor(i[:-1].float() * size32).long()
+            end32 = torch.ceil(i[1:].float() * size32).long()
+            start = (i[:-1] * side[:, None]) // n
+            end = -((-i[1:] * side[:, None]) // n)
+            same &= ((start32 == start) & (end32 == end)).all(dim=1)
+    return same
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    gen = torch.Generator().manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    map_hw = (args.image_hw[0] // args.stride, args.image_hw[1] // args.stride)
+    fmap = torch.relu(torch.randn(args.channels, *map_hw, generator=gen)).to(args.device, dtype)
+    windows = random_windows(args.windows, args.image_hw, gen)
+    cells = project_windows(windows, args.stride, 0.0, map_hw).to(args.device)
+    # roi_pool boxes [batch, x1, y1, x2, y2] in cell units: x2, y2 inclusive, as our cells.
+    boxes = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1).to(dtype)
+    levels = list(args.levels)
+
+    def ours(fm=fmap):
+        return pool_windows(fm, cells, levels)
+
+    def theirs(fm=fmap):
+        pooled = [roi_pool(fm[None], boxes, n, spatial_scale=1.0) for n in levels]
+        return torch.cat([p.flatten(1) for p in pooled], dim=1)
+
+    with torch.no_grad():
+        timed = _time({"ours": ours, "theirs": theirs}, args.device, args.warmup, args.repeats)
+        t_ours, t_theirs = timed["ours"], timed["theirs"]
+        a, b = ours().float().cpu(), theirs().float().cpu()
+    exact = _roi_pool_bins_exact(cells.cpu(), levels)
+    equal_rows = (a == b).all(dim=1)
+    result = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "map_hw": list(map_hw),
+        "channels": args.channels,
+        "windows": args.windows,
+        "levels": levels,
+        "pool_windows": t_ours,
+        "roi_pool_per_level": t_theirs,
+        "ratio_roi_pool_over_pool_windows": t_theirs["median_ms"] / t_ours["median_ms"],
+        "agreement": {
+            "windows_with_same_bins": int(exact.sum()),
+            "of_those_outputs_equal": int((equal_rows & exact).sum()),
+            "windows_outputs_equal": int(equal_rows.sum()),
+            "max_abs_diff": float((a - b).abs().max()) if a.numel() else 0.0,
+        },
+    }
+
+    if args.backward:
+
+        def fwd_bwd(fn):
+            fm = fmap.detach().clone().requires_grad_()
+            fn(fm).sum().backward()
+
+        timed = _time(
+            {"ours": lambda: fwd_bwd(ours), "theirs": lambda: fwd_bwd(theirs)},
+            args.device,
+            args.warmup,
+            args.repeats,
+        )
+        result["pool_windows_fwd_bwd"] = timed["ours"]
+        result["roi_pool_fwd_bwd"] = timed["theirs"]
+
+    print(
+        f"{args.windows} windows, conv5 {args.channels} x {map_hw[0]} x {map_hw[1]}, levels "
+        f"{levels}, {args.device} ({result['threads']} threads), {args.dtype}"
+    )
+    print(f"{'method':<28}{'median ms':>12}{'min ms':>12}")
+    rows = [("pool_windows", t_ours), ("roi_pool x%d levels" % len(levels), t_theirs)]
+    if args.backward:
+        rows += [
+            ("pool_windows fwd+bwd", result["pool_windows_fwd_bwd"]),
+            ("roi_pool fwd+bwd", result["roi_pool_fwd_bwd"]),
+        ]
+    for name, t in rows:
+        print(f"{name:<28}{t['median_ms']:>12.1f}{t['min_ms']:>12.1f}")
+    agree = result["agreement"]
+    print(f"ratio roi_pool / pool_windows: {result['ratio_roi_pool_over_pool_windows']:.2f}x")
+    print(
+        f"agreement: {agree['windows_with_same_bins']}/{args.windows} windows have the same bins "
+        f"in both; {agree['of_those_outputs_equal']} of them give equal outputs; "
+        f"{agree['windows_outputs_equal']} equal overall (max |diff| {agree['max_abs_diff']:.3g})"
+    )
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
