@@ -16,6 +16,8 @@ __all__ = [
     "train_from_args",
     "add_test_args",
     "test_from_args",
+    "add_bench_args",
+    "bench_from_args",
     "UserError",
 ]
 
@@ -171,3 +173,79 @@ def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
     print(format_ap_table(metrics))
     return metrics
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    """The speed report's arguments (``tools/speed_report.py``, ``spp-detect bench``)."""
+    p = parser
+    p.add_argument("--voc-root", required=True, type=Path, help="VOCdevkit folder")
+    p.add_argument("--year", default="2007", help="VOC year (VOC<year> folder)")
+    p.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt")
+    p.add_argument("--num-images", type=int, default=10, help="the first N images of the split")
+    p.add_argument("--backbone", default="zf5", help="zf5, efficientnet_lite0, vgg16, alexnet")
+    p.add_argument("--proposals", type=int, default=2000, help="at most this many windows")
+    p.add_argument("--model", type=Path, default=None, help="trained SPP-net model.pt")
+    p.add_argument("--rcnn-model", type=Path, default=None, help="trained R-CNN model.pt")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    p.add_argument(
+        "--methods", nargs="+", default=["spp-1scale", "spp-5scale", "rcnn"],
+        choices=["spp-1scale", "spp-5scale", "rcnn"], help="methods to time",
+    )  # fmt: skip
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes per method")
+    p.add_argument(
+        "--rcnn-max-windows", type=int, default=0,
+        help="time R-CNN on the first K windows and extrapolate linearly (0: all windows)",
+    )  # fmt: skip
+    p.add_argument("--single-scale", type=int, nargs="+", default=[688], help="spp-1scale scale")
+    p.add_argument(
+        "--five-scales", type=int, nargs="+", default=[480, 576, 688, 864, 1200],
+        help="spp-5scale scales",
+    )  # fmt: skip
+    p.add_argument(
+        "--weights", default="auto",
+        help="backbone weights without --model: auto (ImageNet if any, else random), "
+        "imagenet, none, or a file",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--config", type=Path, default=None, help="YAML config file")
+    p.add_argument("--cache-dir", type=Path, default=None, help="proposal cache folder")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def bench_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """``engine.benchmark.run_speed_report`` from ``add_bench_args`` arguments."""
+    import torch
+
+    from .config import load_config
+    from .engine.benchmark import SpeedSettings, run_speed_report
+
+    if args.weights not in ("auto", "imagenet", "none") and not Path(args.weights).is_file():
+        raise UserError(f"{args.weights}: weights file not found")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = list(args.overrides) + [
+        f"model.backbone={args.backbone}",
+        f"proposals.max_proposals={args.proposals}",
+    ]
+    return run_speed_report(
+        args.voc_root,
+        args.output,
+        year=args.year,
+        split=args.split,
+        config=load_config(args.config, overrides),
+        settings=SpeedSettings(
+            methods=tuple(args.methods),
+            num_images=args.num_images,
+            warmup=args.warmup,
+            rcnn_max_windows=args.rcnn_max_windows,
+            single_scale=tuple(args.single_scale),
+            five_scales=tuple(args.five_scales),
+        ),
+        model=args.model,
+        rcnn_model=args.rcnn_model,
+        device=args.device,
+        weights=args.weights,
+        cache_dir=args.cache_dir,
+    )

@@ -55,8 +55,8 @@ def test_class_specific_layout():
     out = apply_deltas(deltas, boxes)
     assert out.shape == (7, 12)
     for k in range(3):
-        ref = apply_deltas(deltas[:, 4 * k: 4 * k + 4], boxes)
-        torch.testing.assert_close(out[:, 4 * k: 4 * k + 4], ref)
+        ref = apply_deltas(deltas[:, 4 * k : 4 * k + 4], boxes)
+        torch.testing.assert_close(out[:, 4 * k : 4 * k + 4], ref)
     # Class k's columns are (dx, dy, dw, dh) of class k: only dx of class 1 moves class 1.
     d = torch.zeros(1, 12, dtype=torch.float64)
     d[0, 4] = 1.0
@@ -72,8 +72,9 @@ def test_scale_clamp_and_zero_boxes():
     out = apply_deltas(deltas, box)
     assert torch.isfinite(out).all()
     side = 10.0 * math.exp(DEFAULT_SCALE_CLAMP)  # 625 = 10 * 1000 / 16
-    torch.testing.assert_close(out[0], torch.tensor([5 - side / 2, 5 - side / 2, 5 + side / 2,
-                                                     5 + side / 2]))
+    torch.testing.assert_close(
+        out[0], torch.tensor([5 - side / 2, 5 - side / 2, 5 + side / 2, 5 + side / 2])
+    )
     torch.testing.assert_close(out[1], torch.tensor([5.0, 5.0, 5.0, 5.0]))
 
 
@@ -220,8 +221,9 @@ def test_cuda_matches_cpu():
     feats, boxes, gt, labels, _ = make_regression_data(80, 5, 2, seed=9, noise=0.05)
     reg = BoxRegressor(2).fit(feats.float(), boxes.float(), gt.float(), labels)
     cpu = reg.predict_all(feats.float(), boxes.float())
-    gpu_reg = BoxRegressor(2).fit(feats.float().cuda(), boxes.float().cuda(),
-                                  gt.float().cuda(), labels.cuda())
+    gpu_reg = BoxRegressor(2).fit(
+        feats.float().cuda(), boxes.float().cuda(), gt.float().cuda(), labels.cuda()
+    )
     out = gpu_reg.predict_all(feats.float().cuda(), boxes.float().cuda())
     torch.testing.assert_close(out.cpu(), cpu, rtol=1e-4, atol=1e-3)
     out2 = reg.cuda().predict_all(feats.float().cuda(), boxes.float().cuda())

@@ -13,14 +13,25 @@ def test_defaults_are_the_papers():
     assert (c.finetune.fg_thresh, c.finetune.bg_thresh_lo, c.finetune.batch_size) == (0.5, 0.1, 128)
     assert c.finetune.fg_fraction == 0.25 and c.finetune.init_std == 0.01
     assert (c.svm.C, c.svm.pos_weight, c.svm.bias_multiplier, c.svm.feature_norm) == (
-        0.001, 2.0, 10.0, 20.0)
+        0.001,
+        2.0,
+        10.0,
+        20.0,
+    )
     assert (c.svm.hard_thresh, c.svm.easy_thresh) == (-1.0001, -1.2)
     assert c.bbox_reg.lambda_ == 4000 and c.test.nms_thresh == 0.3
 
 
 def test_overrides_and_yaml(tmp_path):
-    c = apply_overrides(DetectorConfig(), ["finetune.lr=0.001", "model.scales=[480, 576]",
-                                           "model.backbone=efficientnet_lite0", "svm.C=1"])
+    c = apply_overrides(
+        DetectorConfig(),
+        [
+            "finetune.lr=0.001",
+            "model.scales=[480, 576]",
+            "model.backbone=efficientnet_lite0",
+            "svm.C=1",
+        ],
+    )
     assert c.finetune.lr == 0.001 and c.model.scales == (480, 576) and c.svm.C == 1.0
     assert c.model.backbone == "efficientnet_lite0"
     assert DetectorConfig.from_dict(c.to_dict()) == c

@@ -15,15 +15,17 @@ def test_iou_ranges_at_the_boundaries():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     gt_labels = torch.tensor([2])
     # Windows sharing the ground truth's left edge: IoU = width / 10 (area 10 * width).
-    windows = torch.tensor([
-        [0.0, 0.0, 10.0, 10.0],  # IoU 1.0  -> class 2 (label 3)
-        [0.0, 0.0, 5.0, 10.0],   # IoU 0.5  -> positive (0.5 included)
-        [0.0, 0.0, 4.9, 10.0],   # IoU 0.49 -> background
-        [0.0, 0.0, 4.0, 10.0],   # IoU 0.4  -> background
-        [0.0, 0.0, 1.0, 10.0],   # IoU 0.1  -> background (0.1 included)
-        [0.0, 0.0, 0.9, 10.0],   # IoU 0.09 -> ignored
-        [20.0, 20.0, 30.0, 30.0],  # IoU 0  -> ignored
-    ])
+    windows = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # IoU 1.0  -> class 2 (label 3)
+            [0.0, 0.0, 5.0, 10.0],  # IoU 0.5  -> positive (0.5 included)
+            [0.0, 0.0, 4.9, 10.0],  # IoU 0.49 -> background
+            [0.0, 0.0, 4.0, 10.0],  # IoU 0.4  -> background
+            [0.0, 0.0, 1.0, 10.0],  # IoU 0.1  -> background (0.1 included)
+            [0.0, 0.0, 0.9, 10.0],  # IoU 0.09 -> ignored
+            [20.0, 20.0, 30.0, 30.0],  # IoU 0  -> ignored
+        ]
+    )
     labels, max_iou, matched = label_windows(windows, gt, gt_labels)
     assert labels.tolist() == [3, 3, 0, 0, 0, -1, -1]
     torch.testing.assert_close(max_iou, torch.tensor([1.0, 0.5, 0.49, 0.4, 0.1, 0.09, 0.0]))
@@ -56,8 +58,9 @@ def test_matches_slow_reference_with_several_gts():
 
 def test_no_gt_and_gt_windows():
     windows = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 9.0, 9.0]])
-    labels, max_iou, matched = label_windows(windows, torch.zeros(0, 4),
-                                             torch.zeros(0, dtype=torch.long))
+    labels, max_iou, matched = label_windows(
+        windows, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    )
     assert labels.tolist() == [-1, -1] and matched.tolist() == [-1, -1]
     assert max_iou.tolist() == [0.0, 0.0]
     gt = torch.tensor([[20.0, 20.0, 40.0, 30.0]])
@@ -72,11 +75,13 @@ def test_no_gt_and_gt_windows():
 
 
 def pool(num_fg, num_bg, num_ignore, generator):
-    labels = torch.cat([
-        torch.randint(1, 6, (num_fg,), generator=generator),
-        torch.zeros(num_bg, dtype=torch.long),
-        torch.full((num_ignore,), -1, dtype=torch.long),
-    ])
+    labels = torch.cat(
+        [
+            torch.randint(1, 6, (num_fg,), generator=generator),
+            torch.zeros(num_bg, dtype=torch.long),
+            torch.full((num_ignore,), -1, dtype=torch.long),
+        ]
+    )
     return labels[torch.randperm(labels.numel(), generator=generator)]
 
 

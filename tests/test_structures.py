@@ -70,9 +70,7 @@ def _nms_ref(boxes, scores, labels, thresh):
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     keep = []
     for i in order:
-        if all(
-            labels[k] != labels[i] or _iou_ref(boxes[k], boxes[i]) <= thresh for k in keep
-        ):
+        if all(labels[k] != labels[i] or _iou_ref(boxes[k], boxes[i]) <= thresh for k in keep):
             keep.append(i)
     return keep
 
@@ -85,7 +83,9 @@ def test_batched_nms_matches_greedy_loop():
     keep = batched_nms(boxes, scores, labels, 0.3)
     ref = _nms_ref(boxes.tolist(), scores.tolist(), labels.tolist(), 0.3)
     assert sorted(keep.tolist()) == sorted(ref)
-    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.3).shape == (0,)
+    assert batched_nms(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.3
+    ).shape == (0,)
 
 
 def test_detections_shapes():

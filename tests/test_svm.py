@@ -52,8 +52,15 @@ def test_bias_multiplier_equals_liblinear_constant_feature():
     x = torch.cat([pos, neg]).double().numpy()
     x_aug = np.concatenate([x, np.full((x.shape[0], 1), 10.0)], axis=1)
     y = np.r_[np.ones(40), -np.ones(200)]
-    ref = LinearSVC(C=0.001, loss="hinge", dual=True, class_weight={1: 2.0}, fit_intercept=False,
-                    tol=1e-8, max_iter=100000).fit(x_aug, y)
+    ref = LinearSVC(
+        C=0.001,
+        loss="hinge",
+        dual=True,
+        class_weight={1: 2.0},
+        fit_intercept=False,
+        tol=1e-8,
+        max_iter=100000,
+    ).fit(x_aug, y)
     np.testing.assert_allclose(svms.weight[0].numpy(), ref.coef_[0, :5], rtol=1e-3, atol=1e-5)
     assert svms.bias[0].item() == pytest.approx(10.0 * ref.coef_[0, 5], rel=1e-3, abs=1e-5)
 
@@ -74,10 +81,12 @@ def test_separable_toy_data_is_separated():
     assert (svms.scores(test_neg)[:, 1] < 0).float().mean() >= 0.98
     # scores() against a float64 loop.
     x = test_pos[:5].double() * svms.feature_scale.double()
-    ref = [[float(x[i] @ svms.weight[k].double() + svms.bias[k]) for k in range(2)]
-           for i in range(5)]
-    torch.testing.assert_close(svms.scores(test_pos[:5]).double(), torch.tensor(ref).double(),
-                               rtol=1e-5, atol=1e-5)
+    ref = [
+        [float(x[i] @ svms.weight[k].double() + svms.bias[k]) for k in range(2)] for i in range(5)
+    ]
+    torch.testing.assert_close(
+        svms.scores(test_pos[:5]).double(), torch.tensor(ref).double(), rtol=1e-5, atol=1e-5
+    )
 
 
 # -- hard negative mining -----------------------------------------------------------------------
@@ -100,8 +109,9 @@ def test_negative_above_minus_one_enters_cache():
     feats = torch.zeros(5, 3)
     feats[:, 0] = x0.float()
     ious = torch.zeros(5, 1)
-    added = miner.add_image(feats, ious, torch.zeros(5, dtype=torch.bool),
-                            torch.zeros(0, dtype=torch.long))
+    added = miner.add_image(
+        feats, ious, torch.zeros(5, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+    )
     assert added == [3]
     assert miner.cached_keys(0).tolist() == [[0, 0], [0, 1], [0, 2]]
 
@@ -112,8 +122,7 @@ def test_overlap_with_gt_rules_out_negatives():
     miner.add_positives(torch.ones(2, 4), torch.tensor([0, 1]))
     # Window 0 is a class-1 ground truth; IoU with class 0's ground truths: 0, 0.29, 0.3,
     # 0.31, 0.9 for windows 0..4; window 5 is a class-0 ground truth.
-    ious = torch.tensor([[0.0, 1.0], [0.29, 0.0], [0.3, 0.0], [0.31, 0.0], [0.9, 0.0],
-                         [1.0, 0.0]])
+    ious = torch.tensor([[0.0, 1.0], [0.29, 0.0], [0.3, 0.0], [0.31, 0.0], [0.9, 0.0], [1.0, 0.0]])
     is_gt = torch.tensor([True, False, False, False, False, True])
     feats = torch.rand(6, 4, generator=torch.Generator().manual_seed(3))
     svms.reset_weights(4)  # zero model: every window scores 0 > -1, so only IoU decides
@@ -134,8 +143,12 @@ def test_easy_negatives_leave_at_retrain():
     # Negatives spread from far (easy) to close to the positives (hard).
     neg = blobs(200, d, torch.zeros(d), g, spread=1.0)
     neg[:, 0] = torch.linspace(-6.0, 3.0, 200)
-    miner.add_image(neg, torch.zeros(200, 1), torch.zeros(200, dtype=torch.bool),
-                    torch.zeros(0, dtype=torch.long))
+    miner.add_image(
+        neg,
+        torch.zeros(200, 1),
+        torch.zeros(200, dtype=torch.bool),
+        torch.zeros(0, dtype=torch.long),
+    )
     # First image: the zero model let all 200 in, then the first model was trained.
     assert len(miner.history) == 1 and miner.history[0]["num_neg"] == 200
     z = svms.scores(neg)[:, 0]
@@ -264,8 +277,9 @@ def test_state_dict_round_trip_and_errors():
         svms.scores(torch.rand(3, 4))
     miner = HardNegativeMiner(LinearSVMs(1))
     with pytest.raises(ValueError, match="boxes"):
-        miner.add_image(x, torch.zeros(7, 1), torch.zeros(7, dtype=torch.bool),
-                        torch.zeros(0, dtype=torch.long))
+        miner.add_image(
+            x, torch.zeros(7, 1), torch.zeros(7, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

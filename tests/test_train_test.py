@@ -36,8 +36,20 @@ def test_train_then_test_reaches_map(toy_voc, tmp_path):
     out = tmp_path / "run"
     cache = tmp_path / "cache"
     train_args = train_net.get_args_parser().parse_args(
-        ["--voc-root", str(toy_voc), "--split", "train", "--output", str(out),
-         "--config", str(TOY_CONFIG), "--cache-dir", str(cache), "--device", "cpu"]
+        [
+            "--voc-root",
+            str(toy_voc),
+            "--split",
+            "train",
+            "--output",
+            str(out),
+            "--config",
+            str(TOY_CONFIG),
+            "--cache-dir",
+            str(cache),
+            "--device",
+            "cpu",
+        ]
     )
     log = train_net.main(train_args)
     assert (out / "model.pt").is_file()
@@ -49,8 +61,20 @@ def test_train_then_test_reaches_map(toy_voc, tmp_path):
     assert log2["feature_cache"]["computed"] == 0
 
     test_args = test_net.get_args_parser().parse_args(
-        ["--voc-root", str(toy_voc), "--split", "test", "--model", str(out / "model.pt"),
-         "--output", str(tmp_path / "test"), "--cache-dir", str(cache), "--device", "cpu"]
+        [
+            "--voc-root",
+            str(toy_voc),
+            "--split",
+            "test",
+            "--model",
+            str(out / "model.pt"),
+            "--output",
+            str(tmp_path / "test"),
+            "--cache-dir",
+            str(cache),
+            "--device",
+            "cpu",
+        ]
     )
     metrics = test_net.main(test_args)
     saved = json.loads((tmp_path / "test" / "metrics.json").read_text())

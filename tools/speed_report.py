@@ -3,7 +3,7 @@
 
     python tools/speed_report.py --voc-root ROOT --year 2007 --split test --num-images N \
         --backbone zf5 --proposals 2000 [--model M] [--rcnn-model M2] [--device cpu|cuda] \
-        [--methods spp-1scale spp-5scale rcnn] [--warmup 1] [--rcnn-max-windows K] \
+        [--methods spp-1scale spp-1scale-svd spp-5scale rcnn] [--warmup 1] [--rcnn-max-windows K] \
         --output DIR [KEY=VALUE ...]
 
 writes DIR/speed.json, DIR/speed.md and DIR/speed.png (see spp_detect.engine.benchmark).
@@ -33,8 +33,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rcnn-model", type=Path, default=None, help="trained R-CNN model.pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     p.add_argument(
-        "--methods", nargs="+", default=["spp-1scale", "spp-5scale", "rcnn"],
-        choices=["spp-1scale", "spp-5scale", "rcnn"], help="methods to time",
+        "--methods", nargs="+", default=["spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn"],
+        choices=["spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn"],
+        help="methods to time (spp-1scale-svd: fc6/fc7 by truncated SVD, Fast R-CNN's ranks)",
     )  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per method")
     p.add_argument(

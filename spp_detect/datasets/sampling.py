@@ -85,11 +85,14 @@ def label_windows(
     _check_boxes(windows, "windows")
     _check_boxes(gt_boxes, "gt_boxes")
     if gt_labels.shape != (gt_boxes.shape[0],):
-        raise ValueError(f"gt_labels must be LongTensor[{gt_boxes.shape[0]}], got "
-                         f"{tuple(gt_labels.shape)}")
+        raise ValueError(
+            f"gt_labels must be LongTensor[{gt_boxes.shape[0]}], got {tuple(gt_labels.shape)}"
+        )
     if not bg_thresh_lo <= bg_thresh_hi <= fg_thresh:
-        raise ValueError(f"need bg_thresh_lo <= bg_thresh_hi <= fg_thresh, got {bg_thresh_lo}, "
-                         f"{bg_thresh_hi}, {fg_thresh}")
+        raise ValueError(
+            f"need bg_thresh_lo <= bg_thresh_hi <= fg_thresh, got {bg_thresh_lo}, "
+            f"{bg_thresh_hi}, {fg_thresh}"
+        )
     dev = windows.device
     r = windows.shape[0]
     if gt_boxes.shape[0] == 0:
@@ -135,8 +138,9 @@ def sample_minibatch(
     if labels.ndim != 1:
         raise ValueError(f"labels must be LongTensor[P], got shape {tuple(labels.shape)}")
     if batch_size < 1 or not 0.0 <= fg_fraction <= 1.0:
-        raise ValueError(f"need batch_size >= 1 and 0 <= fg_fraction <= 1, got {batch_size}, "
-                         f"{fg_fraction}")
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= fg_fraction <= 1, got {batch_size}, {fg_fraction}"
+        )
     cpu_labels = labels.detach().cpu()
     fg = torch.nonzero(cpu_labels > 0).flatten()
     bg = torch.nonzero(cpu_labels == BACKGROUND).flatten()

@@ -66,7 +66,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("spp-1scale", "spp-5scale", "rcnn")
+METHODS = ("spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn")
+# Fast R-CNN's truncated SVD keeps 1024 of fc6's and 256 of fc7's 4096 values: 1/4 and 1/16.
+SVD_FRACTIONS = (4, 16)
 
 PathLike = Union[str, os.PathLike]
 
@@ -174,6 +176,23 @@ def _with_scales(detector: SPPDetector, scales: Sequence[int]) -> SPPDetector:
     return out
 
 
+def _with_svd(detector: SPPDetector, scales: Sequence[int]) -> SPPDetector:
+    """A copy whose fc6/fc7 are compressed by truncated SVD (Fast R-CNN sec. 3.1); shares the
+    backbone, SVMs and regressor, owns its head."""
+    h = detector.head.hidden
+    cfg = detector.config
+    cfg = cfg.replace(
+        model=dataclasses.replace(cfg.model, scales=tuple(int(s) for s in scales)),
+        test=dataclasses.replace(
+            cfg.test, svd_fc6=max(1, h // SVD_FRACTIONS[0]), svd_fc7=max(1, h // SVD_FRACTIONS[1])
+        ),
+    )
+    out = SPPDetector(detector.backbone, detector.class_names, cfg)
+    out.head.load_state_dict(detector.head.state_dict())
+    out.svms, out.bbox_regressor = detector.svms, detector.bbox_regressor
+    return out
+
+
 def _build_backbone(config: DetectorConfig, weights: Union[str, bool, Path]):
     """The backbone with ``weights`` ("auto": ImageNet if available, else random)."""
     name, kwargs = config.model.backbone, dict(config.model.backbone_kwargs)
@@ -241,8 +260,11 @@ def build_method_detectors(
                 spp_base = randomize_heads(
                     SPPDetector(backbone, class_names, config).to(device), settings.seed
                 )
-        scales = settings.single_scale if m == "spp-1scale" else settings.five_scales
-        out[m] = _with_scales(spp_base, scales)
+        scales = settings.five_scales if m == "spp-5scale" else settings.single_scale
+        if m == "spp-1scale-svd":
+            out[m] = _with_svd(spp_base, scales)
+        else:
+            out[m] = _with_scales(spp_base, scales)
         info[m] = {"heads": "model" if model is not None else "random"}
     if "rcnn" in methods:
         if rcnn_model is not None:
@@ -269,6 +291,8 @@ def build_method_detectors(
         info[m]["backbone_weights"] = source if shared else "rcnn-model"
         info[m]["pooled_dim"] = det.pooled_dim
         info[m]["hidden"] = det.head.hidden
+        if det.config.test.svd_fc6 or det.config.test.svd_fc7:
+            info[m]["svd_ranks"] = [det.config.test.svd_fc6, det.config.test.svd_fc7]
         if m.startswith("spp"):
             info[m]["scales"] = list(det.config.model.scales)
             info[m]["levels"] = list(det.config.model.levels)

@@ -24,6 +24,7 @@ Worker processes import this module, so its top level imports no torch (startup 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import logging
 import multiprocessing
 import os
@@ -31,7 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -160,8 +161,10 @@ def load_and_propose(
     min_side: int,
     max_pixels: Optional[int],
     proposal_kwargs: Dict[str, Any],
+    proposals: Optional[np.ndarray] = None,
 ) -> _Loaded:
-    """Read one image, check its size and compute its selective search windows.
+    """Read one image, check its size and compute its selective search windows (unless
+    ``proposals``, float32 [R, 4] xyxy in image pixels, are given).
 
     Never raises for a bad file: the reason is returned in ``_Loaded.reason``.
     """
@@ -179,6 +182,9 @@ def load_and_propose(
         out.reason = "not enough memory to read this image"
         return out
     out.seconds["read"] = time.perf_counter() - t
+    if proposals is not None:
+        out.image, out.proposals = image, proposals
+        return out
     t = time.perf_counter()
     try:
         out.proposals = selective_search(image, **proposal_kwargs)
@@ -193,22 +199,26 @@ def load_and_propose(
     return out
 
 
-def _iter_loaded(paths: Sequence[str], jobs: int, kwargs: Dict[str, Any]) -> Iterator[_Loaded]:
-    """``load_and_propose`` over ``paths``, in order; ``jobs > 1`` prefetches in processes."""
+def _iter_loaded(
+    tasks: Sequence[Tuple[str, Optional[np.ndarray]]], jobs: int, kwargs: Dict[str, Any]
+) -> Iterator[_Loaded]:
+    """``load_and_propose`` over ``(path, precomputed proposals or None)``, in order;
+    ``jobs > 1`` prefetches in worker processes."""
     if jobs <= 1:
-        for p in paths:
-            yield load_and_propose(p, **kwargs)
+        for path, boxes in tasks:
+            yield load_and_propose(path, proposals=boxes, **kwargs)
         return
     # spawn, not fork: the main process already runs PyTorch and OpenCV threads.
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker)
-    pending: deque = deque()  # futures of paths[done:submitted], in order
+    pending: deque = deque()  # futures of tasks[done:submitted], in order
     submitted = done = 0
     broken = False
     try:
-        while done < len(paths):
-            while submitted < len(paths) and len(pending) < jobs * _PREFETCH_PER_JOB:
-                pending.append(pool.submit(load_and_propose, paths[submitted], **kwargs))
+        while done < len(tasks):
+            while submitted < len(tasks) and len(pending) < jobs * _PREFETCH_PER_JOB:
+                path, boxes = tasks[submitted]
+                pending.append(pool.submit(load_and_propose, path, proposals=boxes, **kwargs))
                 submitted += 1
             try:
                 loaded = pending.popleft().result()
@@ -224,12 +234,23 @@ def _iter_loaded(paths: Sequence[str], jobs: int, kwargs: Dict[str, Any]) -> Ite
         pool.shutdown(wait=not broken, cancel_futures=True)
     if broken:
         logger.warning("worker pool broke; reading the remaining images in this process")
-        for p in paths[done:]:
-            yield load_and_propose(p, **kwargs)
+        for path, boxes in tasks[done:]:
+            yield load_and_propose(path, proposals=boxes, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
 # outputs
+
+
+def _lookup(proposals: Optional[Mapping[str, np.ndarray]], name: str) -> Optional[np.ndarray]:
+    """The precomputed windows of the image ``name`` (relative name), if any."""
+    if proposals is None:
+        return None
+    no_suffix = str(Path(name).with_suffix("")).replace(os.sep, "/")
+    for key in (no_suffix, Path(name).stem):
+        if key in proposals:
+            return np.asarray(proposals[key], dtype=np.float32).reshape(-1, 4)
+    return None
 
 
 def to_coco_results(entries: Sequence[Dict[str, Any]], class_names: Sequence[str]):
@@ -316,6 +337,7 @@ def detect_folder(
     exist_ok: bool = False,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    proposals: Optional[Mapping[str, np.ndarray]] = None,
 ) -> Dict[str, Any]:
     """Detect objects in every image of a folder, a glob or one file.
 
@@ -335,6 +357,9 @@ def detect_folder(
         exist_ok: write into an existing non-empty ``output_dir``.
         max_pixels: images with more pixels are reported, not decoded (``None``: no limit).
         progress: show a tqdm bar (images per second).
+        proposals: precomputed windows (float32 [R, 4] xyxy, image pixels) by image id: the
+            relative name without its suffix (``sub/a``) or the file's stem (``a``, as in VOC
+            and in ``load_proposals_file``); other images get selective search.
     Returns:
         The summary: ``images`` (found), ``processed``, ``skipped``, ``failed`` (readable
         images the detector failed on), ``detections``, ``seconds``, ``stage_seconds``
@@ -369,7 +394,18 @@ def detect_folder(
     _check_output(output_dir, exist_ok)
 
     dev = resolve_device(device)
-    detector = model.to(dev).eval() if is_detector else load_detector(model, dev)
+    if is_detector:
+        # A shallow copy shares the modules and weights; only its config is changed below.
+        detector = copy.copy(model).to(dev).eval()
+    else:
+        try:
+            detector = load_detector(model, dev)
+        except (RuntimeError, KeyError) as exc:
+            # A model file written by another version (missing or renamed weights).
+            why = _one_line(exc)[:300]
+            raise ValueError(
+                f"{model}: cannot load this model with this version of spp_detect ({why})"
+            ) from None
     cfg = detector.config
     test_cfg = (
         cfg.test
@@ -472,8 +508,12 @@ def detect_folder(
 
     t0 = last_flush = time.perf_counter()
     bar = tqdm(total=len(items), desc="detect", unit="img", disable=not progress)
+    tasks = [(str(p), _lookup(proposals, name)) for p, name in items]
+    n_given = sum(b is not None for _, b in tasks)
+    if proposals is not None:
+        logger.info("precomputed proposals for %d of %d images", n_given, len(tasks))
     try:
-        loaded_iter = _iter_loaded([str(p) for p, _ in items], jobs, kwargs)
+        loaded_iter = _iter_loaded(tasks, jobs, kwargs)
         for (path, name), loaded in zip(items, loaded_iter):
             process(path, name, loaded)
             bar.update(1)
@@ -487,8 +527,6 @@ def detect_folder(
         raise
     finally:
         bar.close()
-        if is_detector:
-            detector.config = cfg  # the caller's detector keeps its own settings
 
     seconds = time.perf_counter() - t0
     coco_results, coco_ids = to_coco_results(entries, class_names)
@@ -500,6 +538,7 @@ def detect_folder(
         "skipped": len(errors),
         "failed": failed,
         "detections": n_dets,
+        "precomputed_proposals": n_given,
         "seconds": seconds,
         "stage_seconds": dict(timer.times),
         "jobs": jobs,

@@ -37,7 +37,6 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 _WHITEN_EPS = 1e-3
 
 
-
 def _check_boxes(boxes: Tensor, name: str) -> None:
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name} must be Tensor[N, 4] xyxy, got shape {tuple(boxes.shape)}")
@@ -65,9 +64,7 @@ def get_deltas(src: Tensor, dst: Tensor, weights: Sequence[float] = (1.0, 1.0, 1
     src_h = src[:, 3] - src[:, 1]
     dst_w = dst[:, 2] - dst[:, 0]
     dst_h = dst[:, 3] - dst[:, 1]
-    if src.shape[0] and bool(
-        ((src_w <= 0) | (src_h <= 0) | (dst_w <= 0) | (dst_h <= 0)).any()
-    ):
+    if src.shape[0] and bool(((src_w <= 0) | (src_h <= 0) | (dst_w <= 0) | (dst_h <= 0)).any()):
         raise ValueError("get_deltas: every src and dst box needs a positive width and height")
     src_cx = src[:, 0] + 0.5 * src_w
     src_cy = src[:, 1] + 0.5 * src_h
@@ -121,8 +118,12 @@ def apply_deltas(
     pred_w = torch.exp(dw) * widths
     pred_h = torch.exp(dh) * heights
     out = torch.stack(
-        [pred_cx - 0.5 * pred_w, pred_cy - 0.5 * pred_h, pred_cx + 0.5 * pred_w,
-         pred_cy + 0.5 * pred_h],
+        [
+            pred_cx - 0.5 * pred_w,
+            pred_cy - 0.5 * pred_h,
+            pred_cx + 0.5 * pred_w,
+            pred_cy + 0.5 * pred_h,
+        ],
         dim=2,
     )
     return out.reshape(deltas.shape)
@@ -143,8 +144,9 @@ def ridge_solve(x: Tensor, y: Tensor, lambda_: float, method: str = "auto") -> T
         Tensor[D, T] float64 on the device of ``x``.
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"ridge_solve: need x[N, D], y[N, T], got {tuple(x.shape)}, "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"ridge_solve: need x[N, D], y[N, T], got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     if lambda_ <= 0:
         raise ValueError(f"ridge_solve: lambda_ must be positive, got {lambda_}")
     if method not in ("auto", "primal", "dual"):
@@ -281,8 +283,10 @@ class BoxRegressor(nn.Module):
                 f"{gt_boxes.shape[0]}, labels {tuple(labels.shape)}"
             )
         if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"fit: labels must lie in [0, {self.num_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"fit: labels must lie in [0, {self.num_classes}), got "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
         d = features.shape[1]
         device = features.device
         if feature_scale is None:
@@ -300,12 +304,16 @@ class BoxRegressor(nn.Module):
         for c in range(k):
             idx = torch.nonzero(selected & (labels == c)).flatten()
             if idx.numel() < self.min_samples:
-                logger.warning("box regression: class %d has %d training windows (< %d); "
-                               "it keeps the identity", c, idx.numel(), self.min_samples)
+                logger.warning(
+                    "box regression: class %d has %d training windows (< %d); "
+                    "it keeps the identity",
+                    c,
+                    idx.numel(),
+                    self.min_samples,
+                )
                 continue
             x = features[idx].double() * feature_scale
-            y = get_deltas(boxes[idx].double(), gt_boxes[idx].double(),
-                           self.delta_weights.tolist())
+            y = get_deltas(boxes[idx].double(), gt_boxes[idx].double(), self.delta_weights.tolist())
             mu = y.mean(dim=0)
             y = y - mu
             if self.whiten_targets:
@@ -342,8 +350,9 @@ class BoxRegressor(nn.Module):
     # -- inference --------------------------------------------------------------------------
     def _check_features(self, features: Tensor) -> None:
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(f"features must be Tensor[N, {self.feature_dim}], got "
-                             f"{tuple(features.shape)}")
+            raise ValueError(
+                f"features must be Tensor[N, {self.feature_dim}], got {tuple(features.shape)}"
+            )
 
     def predict_deltas(self, features: Tensor) -> Tensor:
         """Deltas of every class.
@@ -379,8 +388,11 @@ class BoxRegressor(nn.Module):
         _check_boxes(boxes, "boxes")
         deltas = self.predict_deltas(features)
         n = deltas.shape[0]
-        out = apply_deltas(deltas.reshape(n, 4 * self.num_classes), boxes.to(deltas.device),
-                           self.delta_weights.tolist())
+        out = apply_deltas(
+            deltas.reshape(n, 4 * self.num_classes),
+            boxes.to(deltas.device),
+            self.delta_weights.tolist(),
+        )
         return out.reshape(n, self.num_classes, 4)
 
     def predict(self, features: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
@@ -394,8 +406,9 @@ class BoxRegressor(nn.Module):
         """
         _check_boxes(boxes, "boxes")
         if labels.shape != (boxes.shape[0],):
-            raise ValueError(f"labels must be LongTensor[{boxes.shape[0]}], got "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be LongTensor[{boxes.shape[0]}], got {tuple(labels.shape)}"
+            )
         deltas = self.predict_deltas(features)
         rows = torch.arange(deltas.shape[0], device=deltas.device)
         chosen = deltas[rows, labels.to(deltas.device)]

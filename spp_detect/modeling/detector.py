@@ -300,6 +300,8 @@ class SPPDetector(WindowDetector):
                     tuple(fmap.shape[-2:]),
                 )
         uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        if len(maps) == 1:  # one scale: no scatter into a second [U, D] buffer
+            return pool_windows(maps[0], uniq[:, 1:], self.config.model.levels), inverse
         pooled = maps[0].new_empty(uniq.shape[0], self.pooled_dim)
         for s, fmap in enumerate(maps):
             idx = torch.nonzero(uniq[:, 0] == s).flatten()

@@ -192,8 +192,9 @@ class LinearSVMs(nn.Module):
             Tensor[R, K] on the device of ``features``: ``w_k . (s * x) + b_k``.
         """
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(f"features must be Tensor[R, {self.feature_dim}], got "
-                             f"{tuple(features.shape)}")
+            raise ValueError(
+                f"features must be Tensor[R, {self.feature_dim}], got {tuple(features.shape)}"
+            )
         if not self.has_feature_scale:
             raise ValueError("LinearSVMs: feature scale not set (set_feature_scale or train)")
         dtype = features.dtype if features.is_floating_point() else torch.float32
@@ -220,8 +221,10 @@ class LinearSVMs(nn.Module):
         from sklearn.svm import LinearSVC
 
         if positives.shape[0] == 0 or negatives.shape[0] == 0:
-            raise ValueError(f"class {c}: an SVM needs positives and negatives, got "
-                             f"{positives.shape[0]} and {negatives.shape[0]}")
+            raise ValueError(
+                f"class {c}: an SVM needs positives and negatives, got "
+                f"{positives.shape[0]} and {negatives.shape[0]}"
+            )
         d = positives.shape[1]
         if negatives.shape[1] != d:
             raise ValueError(f"class {c}: feature sizes differ: {d} vs {negatives.shape[1]}")
@@ -248,8 +251,9 @@ class LinearSVMs(nn.Module):
             warnings.simplefilter("always", ConvergenceWarning)
             svc.fit(x, y)
         if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-            logger.warning("SVM class %d: liblinear did not converge in %d iterations",
-                           c, self.max_iter)
+            logger.warning(
+                "SVM class %d: liblinear did not converge in %d iterations", c, self.max_iter
+            )
         w = torch.from_numpy(svc.coef_[0].copy())
         b = float(svc.intercept_[0])
         self.weight[c] = w.to(self.weight)
@@ -335,8 +339,9 @@ class HardNegativeMiner:
         cache_device: Union[str, torch.device] = "cpu",
     ) -> None:
         if easy_thresh > hard_thresh:
-            raise ValueError(f"easy_thresh ({easy_thresh}) must not exceed hard_thresh "
-                             f"({hard_thresh})")
+            raise ValueError(
+                f"easy_thresh ({easy_thresh}) must not exceed hard_thresh ({hard_thresh})"
+            )
         self.svms = svms
         self.neg_iou_thresh = float(neg_iou_thresh)
         self.dedup_negatives = bool(dedup_negatives)
@@ -384,8 +389,10 @@ class HardNegativeMiner:
         if self.num_images and not self._positives_preloaded:
             raise ValueError("add_positives must come before the first add_image")
         if features.ndim != 2 or labels.shape != (features.shape[0],):
-            raise ValueError(f"add_positives: need features[P, D] and labels[P], got "
-                             f"{tuple(features.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"add_positives: need features[P, D] and labels[P], got "
+                f"{tuple(features.shape)} and {tuple(labels.shape)}"
+            )
         self._positives_preloaded = True
         self._add_positives(features, labels)
 
@@ -418,14 +425,18 @@ class HardNegativeMiner:
         if features.ndim != 2:
             raise ValueError(f"features must be Tensor[R, D], got {tuple(features.shape)}")
         if window_ious.shape != (r, k):
-            raise ValueError(f"window_ious must be Tensor[{r}, {k}], got "
-                             f"{tuple(window_ious.shape)}")
+            raise ValueError(
+                f"window_ious must be Tensor[{r}, {k}], got {tuple(window_ious.shape)}"
+            )
         if is_gt.shape != (r,) or is_gt.dtype != torch.bool:
-            raise ValueError(f"is_gt must be BoolTensor[{r}], got {is_gt.dtype} "
-                             f"{tuple(is_gt.shape)}")
+            raise ValueError(
+                f"is_gt must be BoolTensor[{r}], got {is_gt.dtype} {tuple(is_gt.shape)}"
+            )
         if gt_labels.shape != (int(is_gt.sum()),):
-            raise ValueError(f"gt_labels must have one label per is_gt window "
-                             f"({int(is_gt.sum())}), got {tuple(gt_labels.shape)}")
+            raise ValueError(
+                f"gt_labels must have one label per is_gt window "
+                f"({int(is_gt.sum())}), got {tuple(gt_labels.shape)}"
+            )
         if self.dedup_negatives and boxes is None:
             raise ValueError("add_image: boxes are needed for dedup_negatives (or set it False)")
         if boxes is not None and boxes.shape != (r, 4):
@@ -436,8 +447,9 @@ class HardNegativeMiner:
         if r:
             if self.svms.feature_dim != features.shape[1]:
                 if bool(self.svms.trained.any()):
-                    raise ValueError(f"features have D={features.shape[1]}, SVMs have "
-                                     f"{self.svms.feature_dim}")
+                    raise ValueError(
+                        f"features have D={features.shape[1]}, SVMs have {self.svms.feature_dim}"
+                    )
                 self.svms.reset_weights(features.shape[1])
             if not self.svms.has_feature_scale:
                 # Fallback: the first image's windows (pass a wider sample to set_feature_scale
@@ -512,15 +524,26 @@ class HardNegativeMiner:
         self._num_added[c] = 0
         self._dirty[c] = False
         stats.update(
-            cls=c, image=self.num_images, num_pos=int(pos.shape[0]), num_neg=int(neg.shape[0]),
-            evicted=int((~keep).sum()), cache=int(keep.sum()),
+            cls=c,
+            image=self.num_images,
+            num_pos=int(pos.shape[0]),
+            num_neg=int(neg.shape[0]),
+            evicted=int((~keep).sum()),
+            cache=int(keep.sum()),
         )
         self.history.append(stats)
         logger.info(
             "SVM class %d after %d images: %d pos, %d neg, objective %.4f (pos %.4f neg %.4f "
-            "reg %.4f), %d easy negatives evicted", c, self.num_images, stats["num_pos"],
-            stats["num_neg"], stats["total"], stats["pos_loss"], stats["neg_loss"],
-            stats["reg_loss"], stats["evicted"],
+            "reg %.4f), %d easy negatives evicted",
+            c,
+            self.num_images,
+            stats["num_pos"],
+            stats["num_neg"],
+            stats["total"],
+            stats["pos_loss"],
+            stats["neg_loss"],
+            stats["reg_loss"],
+            stats["evicted"],
         )
         return stats
 
@@ -530,8 +553,12 @@ class HardNegativeMiner:
             if self._trainable(c):
                 self.retrain(c)
             else:
-                logger.warning("SVM class %d: %d positives, %d negatives: not trained, never "
-                               "detected", c, self.num_positives(c), self.cache_size(c))
+                logger.warning(
+                    "SVM class %d: %d positives, %d negatives: not trained, never detected",
+                    c,
+                    self.num_positives(c),
+                    self.cache_size(c),
+                )
                 self.svms.mark_untrained(c)
         return self.svms
 
@@ -574,13 +601,23 @@ def train_svms(
     Returns:
         The trained ``LinearSVMs``.
     """
-    svms = LinearSVMs(num_classes, C=C, pos_weight=pos_weight, bias_multiplier=bias_multiplier,
-                      feature_norm=feature_norm, loss=loss)
+    svms = LinearSVMs(
+        num_classes,
+        C=C,
+        pos_weight=pos_weight,
+        bias_multiplier=bias_multiplier,
+        feature_norm=feature_norm,
+        loss=loss,
+    )
     if feature_scale is not None:
         svms.set_feature_scale(feature_scale)
     miner = HardNegativeMiner(
-        svms, neg_iou_thresh=neg_iou_thresh, dedup_negatives=dedup_negatives,
-        neg_overlap=neg_overlap, hard_thresh=hard_thresh, easy_thresh=easy_thresh,
+        svms,
+        neg_iou_thresh=neg_iou_thresh,
+        dedup_negatives=dedup_negatives,
+        neg_overlap=neg_overlap,
+        hard_thresh=hard_thresh,
+        easy_thresh=easy_thresh,
         retrain_every=scaled_retrain_every(retrain_every, num_images),
         retrain_limit=retrain_limit,
     )
