@@ -1,0 +1,232 @@
+"""``spp-detect``: ``detect`` over a folder holding every bad case of issue 6 (exit codes, JSON
+and COCO outputs, annotated images, no traceback), argument errors, and ``train`` / ``eval`` /
+``bench`` taking exactly the tools' arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spp_detect import cli
+from spp_detect.config import DetectorConfig, apply_overrides
+from spp_detect.engine import detect_folder as df
+from spp_detect.modeling.detector import build_detector
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A tiny untrained SPP-net (ZF-5, random weights, fc 32, softmax) saved as model.pt."""
+    config = apply_overrides(
+        DetectorConfig(),
+        ["model.backbone=zf5", "model.hidden=32", "model.scales=[64]", "test.classifier=softmax"],
+    )
+    detector = build_detector("spp", CLASSES, config, pretrained=False)
+    return detector.save(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def _scene(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 200, np.uint8)
+    img[h // 8 : h // 2, w // 8 : w // 2] = rng.integers(0, 255, 3)
+    img[h // 2 : h - 4, w // 2 : w - 4] = rng.integers(0, 255, 3)
+    return img
+
+
+def _bad_folder(root: Path):
+    """Issue 6's cases: returns ({name: (w, h)} usable, {name: word in the reason})."""
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(_scene(48, 64)).save(root / "sub" / "good.jpg")
+    Image.fromarray(_scene(40, 50)[..., 0], mode="L").save(root / "gray.png")
+    rgba = np.dstack([_scene(36, 44, 1), np.full((36, 44), 100, np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(root / "rgba.png")
+    Image.fromarray(_scene(30, 60, 2)).convert("P", palette=Image.ADAPTIVE).save(
+        root / "palette.png"
+    )
+    Image.fromarray(_scene(32, 40, 3)[..., 1].astype(np.uint16) * 257).save(root / "g16.png")
+    Image.fromarray(_scene(48, 64, 4)).save(root / "gone.png")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("hello\n")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 3)
+    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(root / "tiny.png")
+    Image.fromarray(_scene(100, 120, 5)).save(root / "huge.png")
+    good = {
+        "sub/good.jpg": (64, 48),
+        "gray.png": (50, 40),
+        "rgba.png": (44, 36),
+        "palette.png": (60, 30),
+        "g16.png": (40, 32),
+    }
+    bad = {
+        "gone.png": "not found",
+        "empty.jpg": "empty",
+        "text.jpg": "not an image",
+        "corrupt.jpg": "",
+        "tiny.png": "feature cell",
+        "huge.png": "megapixels",
+    }
+    return good, bad
+
+
+def _detect_argv(model, inp, out, *extra):
+    return [
+        "detect", "--model", str(model), "--input", str(inp), "--output", str(out),
+        "--score-thresh", "0", "--max-proposals", "8", "--max-pixels", "5000", "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def _assert_one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_detect_over_every_bad_case(tmp_path, model_path, monkeypatch, capsys):
+    good, bad = _bad_folder(tmp_path / "in")
+    real = df.list_images
+
+    def listing(path):  # gone.png is deleted after it was listed: it disappears mid-run
+        found = real(path)
+        (tmp_path / "in" / "gone.png").unlink()
+        return found
+
+    monkeypatch.setattr(df, "list_images", listing)
+    out = tmp_path / "out"
+    assert cli.main(_detect_argv(model_path, tmp_path / "in", out)) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert f"{len(good) + len(bad)} images: {len(good)} processed, {len(bad)} skipped" in (
+        captured.out
+    )
+
+    doc = json.loads((out / "detections.json").read_text())
+    entries = {e["file"]: e for e in doc["images"]}
+    assert {k: (e["width"], e["height"]) for k, e in entries.items()} == good
+    reasons = {e["file"]: e["reason"] for e in doc["errors"]}
+    assert set(reasons) == set(bad)
+    for name, word in bad.items():
+        assert reasons[name] and "\n" not in reasons[name] and word in reasons[name].lower()
+    for name, e in entries.items():
+        img = Image.open(out / "images" / name)
+        assert img.size == good[name] and e["annotated"] == f"images/{name}"
+        for d in e["detections"]:
+            assert set(d) == {"label", "score", "box"} and len(d["box"]) == 4
+
+    # COCO results: a list pycocotools loads against the id file, boxes [x, y, w, h].
+    from pycocotools.coco import COCO
+
+    results = json.loads((out / "detections_coco.json").read_text())
+    assert (
+        isinstance(results, list)
+        and len(results) == sum(len(e["detections"]) for e in doc["images"]) > 0
+    )
+    gt = COCO(str(out / "coco_images.json"))
+    res = gt.loadRes(str(out / "detections_coco.json"))
+    assert len(res.anns) == len(results)
+    by_id = {im["id"]: im["file_name"] for im in gt.dataset["images"]}
+    first = results[0]
+    det = entries[by_id[first["image_id"]]]["detections"][0]
+    x1, y1, x2, y2 = det["box"]
+    assert first["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+    assert first["category_id"] == CLASSES.index(det["label"]) + 1
+
+
+def test_detect_bad_arguments_exit_2(tmp_path, model_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_scene(48, 64)).save(folder / "a.jpg")
+    out = tmp_path / "out"
+
+    assert cli.main(_detect_argv(tmp_path / "missing.pt", folder, out)) == 2
+    _assert_one_line_error(capsys, "missing.pt", "model file not found")
+    assert not out.exists()
+
+    notmodel = tmp_path / "bad.pt"
+    notmodel.write_bytes(b"garbage")
+    assert cli.main(_detect_argv(notmodel, folder, out)) == 2
+    _assert_one_line_error(capsys, "bad.pt")
+
+    (tmp_path / "empty").mkdir()
+    assert cli.main(_detect_argv(model_path, tmp_path / "empty", out)) == 2
+    _assert_one_line_error(capsys, "no images found")
+
+    assert cli.main(_detect_argv(model_path, tmp_path / "nowhere", out)) == 2
+    _assert_one_line_error(capsys, "no such file or folder")
+
+    out.mkdir()
+    (out / "detections.json").write_text("{}")
+    assert cli.main(_detect_argv(model_path, folder, out)) == 2
+    _assert_one_line_error(capsys, "--exist-ok")
+    assert (out / "detections.json").read_text() == "{}"  # untouched
+    assert cli.main(_detect_argv(model_path, folder, out, "--exist-ok", "--no-save-images")) == 0
+    assert json.loads((out / "detections.json").read_text())["images"][0]["file"] == "a.jpg"
+    assert not (out / "images").exists()
+
+    assert cli.main(_detect_argv(model_path, folder, out, "--jobs", "0")) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_detect_with_a_proposals_file(tmp_path, model_path):
+    from spp_detect.proposals.cache import save_proposals_file
+
+    Image.fromarray(_scene(48, 64)).save(tmp_path / "x.png")
+    save_proposals_file(tmp_path / "p.npz", {"x": np.array([[0, 0, 30, 20]], np.float32)})
+    out = tmp_path / "out"
+    argv = _detect_argv(model_path, tmp_path / "x.png", out, "--proposals-file")
+    assert cli.main([*argv, str(tmp_path / "p.npz")]) == 0
+    (entry,) = json.loads((out / "detections.json").read_text())["images"]
+    assert {tuple(d["box"]) for d in entry["detections"]} == {(0.0, 0.0, 30.0, 20.0)}
+
+
+def test_usage(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0
+    assert "detect" in capsys.readouterr().out
+    assert cli.main(["detect"]) == 2  # required arguments missing (argparse's message)
+    assert "--model" in capsys.readouterr().err
+
+
+def _tool_parser(name):
+    path = REPO / "tools" / f"{name}.py"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_args_parser()
+
+
+@pytest.mark.parametrize(
+    "command,tool,argv",
+    [
+        ("train", "train_net", ["--voc-root", "r", "--output", "o", "finetune.lr=0.01"]),
+        ("eval", "test_net", ["--voc-root", "r", "--model", "m.pt", "--output", "o", "--coco"]),
+        ("bench", "speed_report", ["--voc-root", "r", "--output", "o", "--num-images", "3"]),
+    ],
+)
+def test_subcommands_take_the_tools_arguments(command, tool, argv):
+    """Same options, same defaults: the subcommand is the tool (no second implementation)."""
+    ours = vars(cli.get_args_parser().parse_args([command, *argv]))
+    ours.pop("command")
+    theirs = vars(_tool_parser(tool).parse_args(argv))
+    assert ours == theirs
+
+
+def test_train_and_eval_report_user_errors(tmp_path, capsys):
+    argv = ["--voc-root", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
+    assert cli.main(["train", *argv, "--weights", "none"]) == 2
+    _assert_one_line_error(capsys, "VOC root folder not found")
+    assert cli.main(["eval", *argv, "--model", str(tmp_path / "m.pt")]) == 2
+    _assert_one_line_error(capsys, "m.pt")
+    assert cli.main(["demo", "--num-train", "0"]) == 2
