@@ -188,8 +188,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rcnn-model", type=Path, default=None, help="trained R-CNN model.pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     p.add_argument(
-        "--methods", nargs="+", default=["spp-1scale", "spp-5scale", "rcnn"],
-        choices=["spp-1scale", "spp-5scale", "rcnn"], help="methods to time",
+        "--methods", nargs="+", default=["spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn"],
+        choices=["spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn"],
+        help="methods to time (spp-1scale-svd: fc6/fc7 by truncated SVD, Fast R-CNN's ranks)",
     )  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per method")
     p.add_argument(
@@ -216,13 +217,20 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 def bench_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     """``engine.benchmark.run_speed_report`` from ``add_bench_args`` arguments."""
+    # Cheap checks first: a typo fails in a second, before torch is imported.
+    if not args.voc_root.is_dir():
+        raise UserError(f"{args.voc_root}: VOC root folder not found")
+    for flag, path in (("--model", args.model), ("--rcnn-model", args.rcnn_model)):
+        if path is not None and not path.is_file():
+            raise UserError(f"{flag} {path}: model file not found")
+    if args.weights not in ("auto", "imagenet", "none") and not Path(args.weights).is_file():
+        raise UserError(f"{args.weights}: weights file not found")
+
     import torch
 
     from .config import load_config
     from .engine.benchmark import SpeedSettings, run_speed_report
 
-    if args.weights not in ("auto", "imagenet", "none") and not Path(args.weights).is_file():
-        raise UserError(f"{args.weights}: weights file not found")
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = list(args.overrides) + [

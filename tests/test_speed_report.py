@@ -66,7 +66,9 @@ def test_report_schema_and_speedup(toy_root, tmp_path):
     data = json.loads((out / "speed.json").read_text())
     assert data == json.loads(json.dumps(report))  # the file is the returned report
 
-    assert list(data["methods"]) == ["spp-1scale", "spp-5scale", "rcnn"]
+    assert list(data["methods"]) == ["spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn"]
+    # Fast R-CNN's ranks scaled to the width: 32 // 4 and 32 // 16.
+    assert data["methods"]["spp-1scale-svd"]["svd_ranks"] == [8, 2]
     windows = data["settings"]["proposals"]["windows_per_image"]
     assert len(windows) == 2 and all(0 < n <= 50 for n in windows)
     for name, m in data["methods"].items():

@@ -359,15 +359,21 @@ def load_detector(
         raise ValueError(f"{path}: not a readable model file ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a spp_detect model (expected format {MODEL_FORMAT})")
-    config = DetectorConfig.from_dict(state["config"])
-    classes = _detector_classes()
-    bb = state["backbone"]
-    backbone = build_backbone(bb["name"], pretrained=False, **bb["build_kwargs"])
-    backbone.load_state_dict(bb["state_dict"])
-    detector = classes[state["method"]](backbone, state["class_names"], config)
-    detector.head.load_state_dict(state["head"])
-    if state.get("svms") is not None:
-        detector.svms = LinearSVMs.from_state_dict(state["svms"])
-    if state.get("bbox_regressor") is not None:
-        detector.bbox_regressor = BoxRegressor.from_state_dict(state["bbox_regressor"])
+    try:
+        config = DetectorConfig.from_dict(state["config"])
+        classes = _detector_classes()
+        bb = state["backbone"]
+        backbone = build_backbone(bb["name"], pretrained=False, **bb["build_kwargs"])
+        backbone.load_state_dict(bb["state_dict"])
+        detector = classes[state["method"]](backbone, state["class_names"], config)
+        detector.head.load_state_dict(state["head"])
+        if state.get("svms") is not None:
+            detector.svms = LinearSVMs.from_state_dict(state["svms"])
+        if state.get("bbox_regressor") is not None:
+            detector.bbox_regressor = BoxRegressor.from_state_dict(state["bbox_regressor"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: incompatible model file (written by another spp_detect version?): {reason}"
+        ) from None
     return detector.to(device).eval()
