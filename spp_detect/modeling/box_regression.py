@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..structures.boxes import pairwise_iou
+from .state import resize_buffers_to
 
 __all__ = ["get_deltas", "apply_deltas", "ridge_solve", "BoxRegressor", "DEFAULT_SCALE_CLAMP"]
 
@@ -230,11 +231,8 @@ class BoxRegressor(nn.Module):
         return int(self.weight.shape[1]) - 1
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The feature dimension is only known after fit: take the stored shapes as they come.
-        for name, buf in self._buffers.items():
-            src = state_dict.get(prefix + name)
-            if buf is not None and isinstance(src, Tensor) and src.shape != buf.shape:
-                self._buffers[name] = torch.empty(src.shape, dtype=buf.dtype, device=buf.device)
+        # D is only known after training: take the stored shapes as they come.
+        resize_buffers_to(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..structures.boxes import batched_nms
+from .state import resize_buffers_to
 
 __all__ = [
     "LinearSVMs",
@@ -144,10 +145,7 @@ class LinearSVMs(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # D is only known after training: take the stored shapes as they come.
-        for name, buf in self._buffers.items():
-            src = state_dict.get(prefix + name)
-            if buf is not None and isinstance(src, Tensor) and src.shape != buf.shape:
-                self._buffers[name] = torch.empty(src.shape, dtype=buf.dtype, device=buf.device)
+        resize_buffers_to(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
