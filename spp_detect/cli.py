@@ -1,6 +1,6 @@
 """The ``spp-detect`` command: detection on image folders, the demo, and the tools' commands.
 
-    spp-detect detect --model M --input PATH --output DIR [--score-thresh 0.5] [--jobs N] ...
+    spp-detect detect --model M --input PATH --output DIR [--score-thresh T] [--jobs N] ...
     spp-detect demo [--output DIR] [--quick]
     spp-detect train ...   (= tools/train_net.py)
     spp-detect eval ...    (= tools/test_net.py)
@@ -57,8 +57,9 @@ def add_detect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--score-thresh",
         type=float,
-        default=0.5,
-        help="keep detections scoring above this (SVM margin or softmax probability; default 0.5)",
+        default=None,
+        help="keep detections scoring above this; default: 0 for SVM margins (the SVMs' "
+        "decision boundary), 0.5 for softmax probabilities",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     p.add_argument(

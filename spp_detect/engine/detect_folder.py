@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 DETECTIONS_FILE = "detections.json"
+# Default thresholds for showing detections: an SVM margin above 0 is the SVM's own decision
+# boundary; a softmax probability above 0.5 beats every other class and background together.
+DEFAULT_SCORE_THRESH = {"svm": 0.0, "softmax": 0.5}
 COCO_RESULTS_FILE = "detections_coco.json"
 COCO_IMAGES_FILE = "coco_images.json"
 IMAGES_DIR = "images"
@@ -327,7 +330,7 @@ def detect_folder(
     model: Any,
     input_path: Union[PathLike, Sequence[PathLike]],
     output_dir: PathLike,
-    score_thresh: Optional[float] = 0.5,
+    score_thresh: Optional[float] = None,
     device: Optional[str] = None,
     proposal_mode: Optional[str] = None,
     max_proposals: Optional[int] = None,
@@ -346,8 +349,8 @@ def detect_folder(
         input_path: folder (recursive, sorted), image file, glob pattern, or list of files.
         output_dir: gets ``detections.json``, ``detections_coco.json``, ``coco_images.json``
             and, with ``save_images``, ``images/<relative name>``.
-        score_thresh: keep detections scoring above this (``None``: the model's
-            ``test.score_thresh``). SVM scores are margins, softmax scores probabilities.
+        score_thresh: keep detections scoring above this (``None``: ``DEFAULT_SCORE_THRESH``
+            of the model's classifier: 0 for SVM margins, 0.5 for softmax probabilities).
         device: "cpu", "cuda", "cuda:N" or None (CUDA when present).
         proposal_mode, max_proposals: selective search "fast" / "quality" and the window cap
             (``None``: the model's ``proposals`` config).
@@ -407,11 +410,9 @@ def detect_folder(
                 f"{model}: cannot load this model with this version of spp_detect ({why})"
             ) from None
     cfg = detector.config
-    test_cfg = (
-        cfg.test
-        if score_thresh is None
-        else dataclasses.replace(cfg.test, score_thresh=float(score_thresh))
-    )
+    if score_thresh is None:
+        score_thresh = DEFAULT_SCORE_THRESH[cfg.test.classifier]
+    test_cfg = dataclasses.replace(cfg.test, score_thresh=float(score_thresh))
     prop_cfg = dataclasses.replace(
         cfg.proposals,
         mode=proposal_mode or cfg.proposals.mode,
