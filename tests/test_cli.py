@@ -13,66 +13,16 @@ import pytest
 from PIL import Image
 
 from spp_detect import cli
-from spp_detect.config import DetectorConfig, apply_overrides
 from spp_detect.engine import detect_folder as df
-from spp_detect.modeling.detector import build_detector
+
+from bad_inputs import CLASSES, make_bad_folder, save_tiny_model, scene  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["a", "b"]
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    """A tiny untrained SPP-net (ZF-5, random weights, fc 32, softmax) saved as model.pt."""
-    config = apply_overrides(
-        DetectorConfig(),
-        ["model.backbone=zf5", "model.hidden=32", "model.scales=[64]", "test.classifier=softmax"],
-    )
-    detector = build_detector("spp", CLASSES, config, pretrained=False)
-    return detector.save(tmp_path_factory.mktemp("model") / "model.pt")
-
-
-def _scene(h, w, seed=0):
-    rng = np.random.default_rng(seed)
-    img = np.full((h, w, 3), 200, np.uint8)
-    img[h // 8 : h // 2, w // 8 : w // 2] = rng.integers(0, 255, 3)
-    img[h // 2 : h - 4, w // 2 : w - 4] = rng.integers(0, 255, 3)
-    return img
-
-
-def _bad_folder(root: Path):
-    """Issue 6's cases: returns ({name: (w, h)} usable, {name: word in the reason})."""
-    (root / "sub").mkdir(parents=True)
-    Image.fromarray(_scene(48, 64)).save(root / "sub" / "good.jpg")
-    Image.fromarray(_scene(40, 50)[..., 0], mode="L").save(root / "gray.png")
-    rgba = np.dstack([_scene(36, 44, 1), np.full((36, 44), 100, np.uint8)])
-    Image.fromarray(rgba, mode="RGBA").save(root / "rgba.png")
-    Image.fromarray(_scene(30, 60, 2)).convert("P", palette=Image.ADAPTIVE).save(
-        root / "palette.png"
-    )
-    Image.fromarray(_scene(32, 40, 3)[..., 1].astype(np.uint16) * 257).save(root / "g16.png")
-    Image.fromarray(_scene(48, 64, 4)).save(root / "gone.png")
-    (root / "empty.jpg").write_bytes(b"")
-    (root / "text.jpg").write_text("hello\n")
-    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 3)
-    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(root / "tiny.png")
-    Image.fromarray(_scene(100, 120, 5)).save(root / "huge.png")
-    good = {
-        "sub/good.jpg": (64, 48),
-        "gray.png": (50, 40),
-        "rgba.png": (44, 36),
-        "palette.png": (60, 30),
-        "g16.png": (40, 32),
-    }
-    bad = {
-        "gone.png": "not found",
-        "empty.jpg": "empty",
-        "text.jpg": "not an image",
-        "corrupt.jpg": "",
-        "tiny.png": "feature cell",
-        "huge.png": "megapixels",
-    }
-    return good, bad
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def _detect_argv(model, inp, out, *extra):
@@ -93,12 +43,12 @@ def _assert_one_line_error(capsys, *words):
 
 
 def test_detect_over_every_bad_case(tmp_path, model_path, monkeypatch, capsys):
-    good, bad = _bad_folder(tmp_path / "in")
+    good, bad = make_bad_folder(tmp_path / "in")
     real = df.list_images
 
-    def listing(path):  # gone.png is deleted after it was listed: it disappears mid-run
+    def listing(path):  # gone.jpg is deleted after it was listed: it disappears mid-run
         found = real(path)
-        (tmp_path / "in" / "gone.png").unlink()
+        (tmp_path / "in" / "gone.jpg").unlink()
         return found
 
     monkeypatch.setattr(df, "list_images", listing)
@@ -145,7 +95,7 @@ def test_detect_over_every_bad_case(tmp_path, model_path, monkeypatch, capsys):
 def test_detect_bad_arguments_exit_2(tmp_path, model_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
-    Image.fromarray(_scene(48, 64)).save(folder / "a.jpg")
+    Image.fromarray(scene(48, 64)).save(folder / "a.jpg")
     out = tmp_path / "out"
 
     assert cli.main(_detect_argv(tmp_path / "missing.pt", folder, out)) == 2
@@ -180,7 +130,7 @@ def test_detect_bad_arguments_exit_2(tmp_path, model_path, capsys):
 def test_detect_with_a_proposals_file(tmp_path, model_path):
     from spp_detect.proposals.cache import save_proposals_file
 
-    Image.fromarray(_scene(48, 64)).save(tmp_path / "x.png")
+    Image.fromarray(scene(48, 64)).save(tmp_path / "x.png")
     save_proposals_file(tmp_path / "p.npz", {"x": np.array([[0, 0, 30, 20]], np.float32)})
     out = tmp_path / "out"
     argv = _detect_argv(model_path, tmp_path / "x.png", out, "--proposals-file")
