@@ -14,10 +14,14 @@ _EXPORTS = {
     "project_windows": "spp_detect.modeling.window_pool",
     "pool_windows": "spp_detect.modeling.window_pool",
     "build_backbone": "spp_detect.modeling.backbones",
-    "SPPClassifier": "spp_detect.modeling.classifier",
-    "SPPDetector": "spp_detect.modeling.detector",
+    "SPPClassifier": "spp_detect.modeling.spp_classifier",
+    "SPPDetector": "spp_detect.modeling.spp_net",
     "RCNNDetector": "spp_detect.modeling.rcnn",
     "Detections": "spp_detect.structures.detections",
+    "Predictor": "spp_detect.inference.predictor",
+    "ProposalSettings": "spp_detect.proposals.settings",
+    "build_detector": "spp_detect.modeling.build",
+    "load_detector": "spp_detect.modeling.build",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

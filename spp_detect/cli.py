@@ -101,7 +101,7 @@ def add_detect_args(p: argparse.ArgumentParser) -> None:
 
 
 def detect_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    from .engine.detect_folder import detect_folder, format_summary
+    from spp_detect.inference.folder import detect_folder, format_summary
 
     proposals = None
     if args.proposals_file is not None:
@@ -172,7 +172,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def demo_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    from .engine.demo import format_demo_report, run_demo
+    from spp_detect.demo import format_demo_report, run_demo
 
     summary = run_demo(
         args.output,

@@ -95,7 +95,7 @@ def _pretrained(weights: str | None) -> Any:
 def train_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     from .config import load_config
     from .datasets.voc import VOCDataset
-    from .engine.train import train_detector
+    from spp_detect.training.train import train_detector
 
     overrides = list(args.overrides)
     if args.backbone:
@@ -136,11 +136,9 @@ def add_test_args(parser: argparse.ArgumentParser) -> None:
 
 
 def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    import dataclasses
-
     from .datasets.voc import VOCDataset
-    from .engine.inference import test_detector
-    from .modeling.detector import load_detector
+    from spp_detect.inference.dataset import test_detector
+    from .modeling.build import load_detector
     from .utils import resolve_device
 
     detector = load_detector(args.model, resolve_device(args.device))
@@ -151,10 +149,6 @@ def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         test_overrides["classifier"] = args.classifier
     if args.no_bbox_reg:
         test_overrides["bbox_reg"] = False
-    if args.scales:
-        detector.config = detector.config.replace(
-            model=dataclasses.replace(detector.config.model, scales=tuple(args.scales))
-        )
     dataset = VOCDataset(
         args.voc_root, year=args.year, split=args.split, class_names=detector.class_names
     )
@@ -168,6 +162,7 @@ def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         use_07_metric=args.use_07_metric,
         coco=args.coco,
         overrides=test_overrides,
+        scales=args.scales,
     )
     from .evaluation.plots import format_ap_table
 
@@ -229,7 +224,7 @@ def bench_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     from .config import load_config
-    from .engine.benchmark import SpeedSettings, run_speed_report
+    from spp_detect.benchmark.speed_report import SpeedSettings, run_speed_report
 
     if args.threads:
         torch.set_num_threads(args.threads)

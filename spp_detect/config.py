@@ -17,9 +17,11 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import yaml
 
+from .proposals.settings import ProposalSettings
+
 __all__ = [
     "ModelConfig",
-    "ProposalConfig",
+    "ProposalSettings",
     "FinetuneConfig",
     "SVMConfig",
     "BBoxRegConfig",
@@ -52,20 +54,6 @@ class ModelConfig:
     dropout: float = 0.5
     # R-CNN baseline: context padding around each window before warping (R-CNN: 16 pixels).
     context_pad: int = 16
-
-
-@dataclass(frozen=True)
-class ProposalConfig:
-    # Selective search mode, "fast" as in R-CNN and SPP-net; "quality" on request.
-    mode: str = "fast"
-    # About 2,000 windows per image (sec. 4.1).
-    max_proposals: int = 2000
-    # Windows with a side below this many pixels are dropped (R-CNN drops tiny boxes).
-    min_size: int = 16
-    # Images are resized so their longer side is at most this before segmentation (0: never).
-    resize_to: int = 0
-    # Parallel workers for proposal computation.
-    jobs: int = 2
 
 
 @dataclass(frozen=True)
@@ -152,13 +140,17 @@ class TestConfig:
 @dataclass(frozen=True)
 class DetectorConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    # How proposals are computed, for training, testing and detection alike.
+    proposals: ProposalSettings = field(default_factory=ProposalSettings)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
     test: TestConfig = field(default_factory=TestConfig)
     # Conv feature maps of training images are cached on disk in this dtype (sec. 4.1's cache).
     feature_cache_dtype: str = "float16"
+    # Worker processes for selective search. How the work is spread, not what it computes: no
+    # cache key includes it.
+    workers: int = 2
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from spp_detect.config import DetectorConfig, apply_overrides
-from spp_detect.modeling.detector import build_detector
+from spp_detect.modeling.build import build_detector
 
 CLASSES = ["a", "b"]
 

@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-import spp_detect.engine.classification as cls_engine
+import spp_detect.training.image_classification as cls_engine
 from spp_detect.datasets.toy_cls import TOY_CLASSES, make_toy_cls
-from spp_detect.engine.classification import (
+from spp_detect.training.image_classification import (
     _SizeGroupedBatches,
     evaluate_classifier,
     evaluate_folder,
 )
 from spp_detect.modeling.backbones import build_backbone
-from spp_detect.modeling.classifier import SPPClassifier, load_classifier, save_classifier
+from spp_detect.modeling.spp_classifier import SPPClassifier, load_classifier, save_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from spp_detect import cli
-from spp_detect.engine import detect_folder as df
+from spp_detect.inference import folder as df
 
 from bad_inputs import CLASSES, make_bad_folder, save_tiny_model, scene  # noqa: E402
 

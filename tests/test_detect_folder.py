@@ -1,4 +1,4 @@
-"""spp_detect.engine.detect_folder and engine.visualize: input listing, every bad-input case,
+"""spp_detect.inference.folder and engine.visualize: input listing, every bad-input case,
 the parallel proposal path, the COCO conversion and the drawing, on a tiny random detector."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spp_detect.engine import detect_folder as df
-from spp_detect.engine.visualize import annotated_name, class_color, draw_detections
+from spp_detect.inference import folder as df
+from spp_detect.inference.visualize import annotated_name, class_color, draw_detections
 
 from bad_inputs import CLASSES, make_bad_folder, save_tiny_model, scene  # noqa: E402
 
@@ -168,7 +168,7 @@ def test_annotated_name_keeps_writable_formats():
 def test_precomputed_proposals_replace_selective_search(tmp_path, model_path):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     Image.fromarray(scene(48, 64)).save(tmp_path / "in" / "sub" / "a.png")
-    Image.fromarray(scene(40, 50, 1)).save(tmp_path / "in" / "b.png")
+    Image.fromarray(scene(80, 100, 1)).save(tmp_path / "in" / "b.png")
     window = np.array([[4.0, 6.0, 60.0, 40.0]], np.float32)
     s = df.detect_folder(
         model_path, tmp_path / "in", tmp_path / "out", score_thresh=0.0, progress=False,

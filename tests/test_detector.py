@@ -8,7 +8,7 @@ import torch
 
 from spp_detect.config import DetectorConfig
 from spp_detect.modeling.box_regression import BoxRegressor
-from spp_detect.modeling.detector import build_detector, load_detector
+from spp_detect.modeling.build import build_detector, load_detector
 from spp_detect.modeling.pyramid import choose_scales
 from spp_detect.modeling.spp import SpatialPyramidPooling
 from spp_detect.modeling.svm import LinearSVMs
@@ -160,10 +160,32 @@ def test_truncated_svd_matches_low_rank_reference():
         truncated_svd_linear(layer, 30)
 
 
-def test_detect_with_svd_compressed_head():
-    det = _detector(score_thresh=-1e9, svd_fc6=8, svd_fc7=4)
+def test_with_settings_svd_head_matches_truncated_svd_and_leaves_original():
+    det = _detector(score_thresh=-1e9)
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    fast = det.with_settings(svd_fc6=8, svd_fc7=4)
+    # The original is untouched: same head object, no compression, same weights and config.
+    assert det.head.svd_ranks == (0, 0) and det.config.test.svd_fc6 == 0
+    assert all(torch.equal(before[k], v) for k, v in det.state_dict().items())
+    assert fast.head is not det.head and fast.backbone is det.backbone
+    # Reference: rank-k approximation of each layer's weight from a float64 SVD.
+    pooled = torch.randn(7, det.pooled_dim)
+
+    def low_rank(w, k):
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        return (u[:, :k] * s[:k]) @ vh[:k]
+
+    h = det.head
+    x = pooled.double() * float(h.input_scale)
+    x = torch.relu(x @ low_rank(h.fc6.weight, 8).T + h.fc6.bias.double())
+    ref = torch.relu(x @ low_rank(h.fc7.weight, 4).T + h.fc7.bias.double())
+    got, _ = fast.head.predict(pooled)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
     image = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
-    d = det.detect(image, _windows(10, 48, 48).numpy())
-    assert det.head.svd_ranks == (8, 4) and d.boxes.shape[1] == 4
+    assert len(fast.detect(image, _windows(10, 48, 48).numpy())) > 0
     with pytest.raises(ValueError, match="before compressing"):
-        det.save("unused.pt")
+        fast.save("unused.pt")
+    with pytest.raises(ValueError, match="with_settings"):
+        bad = det.with_settings()
+        bad.config = bad.config.replace(test=dataclasses.replace(bad.config.test, svd_fc6=8))
+        bad.detect(image, _windows(3, 48, 48).numpy())

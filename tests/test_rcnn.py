@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp_detect.config import DetectorConfig, ModelConfig
-from spp_detect.engine.benchmark import randomize_heads
+from spp_detect.benchmark.speed_report import randomize_heads
 from spp_detect.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from spp_detect.modeling.rcnn import RCNNDetector, context_windows, warp_windows
 from spp_detect.structures import Detections

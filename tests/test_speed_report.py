@@ -14,8 +14,8 @@ import torch
 
 from spp_detect.config import DetectorConfig, ModelConfig
 from spp_detect.datasets.toy_voc import TOY_CLASSES, make_toy_voc
-from spp_detect.engine.benchmark import randomize_heads
-from spp_detect.modeling.detector import build_detector
+from spp_detect.benchmark.speed_report import randomize_heads
+from spp_detect.modeling.build import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "speed_report.py"

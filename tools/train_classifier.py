@@ -4,7 +4,7 @@
     python tools/train_classifier.py --data data/toy_cls --output runs/cls_multi --sizes 224 180
 
 writes ``OUTPUT/metrics.json`` (top-1 / top-5 on full test images and on centre crops) and
-``OUTPUT/model.pth``, and prints the table (see ``spp_detect.engine.classification``).
+``OUTPUT/model.pth``, and prints the table (see ``spp_detect.training.image_classification``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from spp_detect.cli_common import run_user_command
-from spp_detect.engine.classification import (
+from spp_detect.training.image_classification import (
     ClassifierTrainConfig,
     format_metrics_table,
     train_classifier,

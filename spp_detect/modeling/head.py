@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["FCHead", "truncated_svd_linear"]
@@ -100,12 +101,21 @@ class FCHead(nn.Module):
         self.input_scale.fill_(1.0 / rms if rms > 0 else 1.0)
         return float(self.input_scale)
 
-    def fc7_features(self, pooled: Tensor) -> Tensor:
-        """Tensor[R, in_features] -> Tensor[R, hidden] (fc7 after ReLU: the SVMs' features)."""
-        x = self.dropout(torch.relu(self.fc6(pooled * self.input_scale)))
-        return self.dropout(torch.relu(self.fc7(x)))
+    def fc7_features(self, pooled: Tensor, dropout: Optional[bool] = None) -> Tensor:
+        """Tensor[R, in_features] -> Tensor[R, hidden] (fc7 after ReLU: the SVMs' features).
+
+        ``dropout``: apply dropout after fc6 and fc7; ``None`` follows ``self.training``.
+        """
+        p = self.dropout.p if (self.training if dropout is None else dropout) else 0.0
+        x = F.dropout(torch.relu(self.fc6(pooled * self.input_scale)), p, training=p > 0)
+        return F.dropout(torch.relu(self.fc7(x)), p, training=p > 0)
 
     def forward(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:
-        """Returns ``(fc7, cls_score logits Tensor[R, K + 1])``."""
+        """Returns ``(fc7, cls_score logits Tensor[R, K + 1])``; dropout in training mode."""
         fc7 = self.fc7_features(pooled)
+        return fc7, self.cls_score(fc7)
+
+    def predict(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:
+        """``forward`` without dropout whatever the module's mode (test time)."""
+        fc7 = self.fc7_features(pooled, dropout=False)
         return fc7, self.cls_score(fc7)

@@ -16,7 +16,7 @@ from torchvision.ops import roi_align
 
 from ..structures import unique_boxes
 from ..utils import StageTimer
-from .detector import WindowDetector
+from .base import WindowDetector
 from .spp import SpatialPyramidPooling
 
 __all__ = ["RCNNDetector", "context_windows", "warp_windows"]

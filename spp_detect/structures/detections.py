@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -55,6 +55,19 @@ class Detections:
         return Detections(
             self.boxes[index], self.scores[index], self.labels[index], self.image_size
         )
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain types and tensors only (what ``serialization.save_file`` accepts)."""
+        return {
+            "boxes": self.boxes.cpu(),
+            "scores": self.scores.cpu(),
+            "labels": self.labels.cpu(),
+            "image_size": [int(v) for v in self.image_size],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Detections":
+        return cls(data["boxes"], data["scores"], data["labels"], tuple(data["image_size"]))
 
     def to_list(self, class_names: Sequence[str]) -> List[dict]:
         """JSON-ready ``[{label, score, box: [x1, y1, x2, y2]}]`` (continuous pixel frame)."""

@@ -23,8 +23,6 @@ scaling is fair when K is a multiple of ``crop_batch`` (64): every chunk then do
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import os
 import platform
@@ -40,16 +38,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import DetectorConfig
-from ..datasets.images import read_image
-from ..datasets.voc import VOCDataset
-from ..modeling.backbones import build_backbone
-from ..modeling.box_regression import BoxRegressor
-from ..modeling.detector import SPPDetector, WindowDetector, load_detector
-from ..modeling.rcnn import RCNNDetector
-from ..modeling.svm import LinearSVMs
-from ..structures import Detections, clip_boxes, unique_boxes
-from ..utils import StageTimer, atomic_write_json, atomic_write_text, resolve_device
+from spp_detect.config import DetectorConfig
+from spp_detect.datasets.images import read_image
+from spp_detect.datasets.voc import VOCDataset
+from spp_detect.modeling.backbones import build_backbone
+from spp_detect.modeling.box_regression import BoxRegressor
+from spp_detect.modeling.base import WindowDetector
+from spp_detect.modeling.build import load_detector
+from spp_detect.modeling.spp_net import SPPDetector
+from spp_detect.modeling.rcnn import RCNNDetector
+from spp_detect.modeling.svm import LinearSVMs
+from spp_detect.structures import Detections, clip_boxes, unique_boxes
+from spp_detect.utils import StageTimer, atomic_write_json, atomic_write_text, resolve_device
 
 __all__ = [
     "METHODS",
@@ -166,31 +166,14 @@ def randomize_heads(detector: WindowDetector, seed: int = 0) -> WindowDetector:
     return detector
 
 
-def _with_scales(detector: SPPDetector, scales: Sequence[int]) -> SPPDetector:
-    """The same detector (shared modules and weights) with another test scale set."""
-    # A shallow copy shares the backbone, head, SVMs and regressor; only ``config`` differs.
-    out = copy.copy(detector)
-    out.config = detector.config.replace(
-        model=dataclasses.replace(detector.config.model, scales=tuple(int(s) for s in scales))
-    )
-    return out
-
-
 def _with_svd(detector: SPPDetector, scales: Sequence[int]) -> SPPDetector:
-    """A copy whose fc6/fc7 are compressed by truncated SVD (Fast R-CNN sec. 3.1); shares the
-    backbone, SVMs and regressor, owns its head."""
+    """A configured copy whose fc6/fc7 are compressed by truncated SVD (Fast R-CNN sec. 3.1)."""
     h = detector.head.hidden
-    cfg = detector.config
-    cfg = cfg.replace(
-        model=dataclasses.replace(cfg.model, scales=tuple(int(s) for s in scales)),
-        test=dataclasses.replace(
-            cfg.test, svd_fc6=max(1, h // SVD_FRACTIONS[0]), svd_fc7=max(1, h // SVD_FRACTIONS[1])
-        ),
+    return detector.with_settings(
+        scales=scales,
+        svd_fc6=max(1, h // SVD_FRACTIONS[0]),
+        svd_fc7=max(1, h // SVD_FRACTIONS[1]),
     )
-    out = SPPDetector(detector.backbone, detector.class_names, cfg)
-    out.head.load_state_dict(detector.head.state_dict())
-    out.svms, out.bbox_regressor = detector.svms, detector.bbox_regressor
-    return out
 
 
 def _build_backbone(config: DetectorConfig, weights: Union[str, bool, Path]):
@@ -264,7 +247,7 @@ def build_method_detectors(
         if m == "spp-1scale-svd":
             out[m] = _with_svd(spp_base, scales)
         else:
-            out[m] = _with_scales(spp_base, scales)
+            out[m] = spp_base.with_settings(scales=scales)
         info[m] = {"heads": "model" if model is not None else "random"}
     if "rcnn" in methods:
         if rcnn_model is not None:
@@ -331,8 +314,8 @@ def time_proposals(
         ``{image_id: np.ndarray[R, 4] float32}`` (xyxy in image pixels) and
         ``{image_id: seconds}``.
     """
-    from ..proposals.cache import ProposalCache
-    from ..proposals.selective_search import selective_search
+    from spp_detect.proposals.cache import ProposalCache
+    from spp_detect.proposals.selective_search import selective_search
 
     pc = config.proposals
     cache = None
@@ -566,8 +549,8 @@ def run_speed_report(
     Returns:
         The report (the content of ``speed.json``).
     """
-    from ..evaluation.voc import VOCEvaluator
-    from .speed_plots import format_speed_markdown, plot_speed
+    from spp_detect.evaluation.voc import VOCEvaluator
+    from spp_detect.benchmark.plots import format_speed_markdown, plot_speed
 
     settings = settings or SpeedSettings()
     config = config or DetectorConfig()

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..datasets.images import read_image
-from ..datasets.records import ImageRecord
-from ..utils import atomic_torch_save
+from spp_detect.datasets.images import read_image
+from spp_detect.datasets.records import ImageRecord
+from spp_detect.utils import atomic_torch_save
 
 __all__ = ["ConvFeatureCache", "weights_digest"]
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from ..utils import atomic_write_json
+from spp_detect.utils import atomic_write_json
 
 __all__ = [
     "TOY_CONFIG",
@@ -55,7 +55,7 @@ def _stage(k: int, text: str) -> float:
 def _toy_dataset(root: Path, num_train: int, num_test: int, seed: int) -> Path:
     """The toy dataset at ``root``: reused when an earlier run wrote it with the same
     arguments, (re)generated otherwise."""
-    from ..datasets.toy_voc import make_toy_voc
+    from spp_detect.datasets.toy_voc import make_toy_voc
 
     meta_path = root / "VOC2007" / "toy_voc.json"
     if meta_path.is_file():
@@ -108,12 +108,12 @@ def run_demo(
     """
     import torch
 
-    from ..config import load_config
-    from ..datasets.voc import VOCDataset
-    from ..evaluation.plots import format_ap_table
-    from .detect_folder import detect_folder
-    from .inference import dataset_proposals, test_detector
-    from .train import train_detector
+    from spp_detect.config import load_config
+    from spp_detect.datasets.voc import VOCDataset
+    from spp_detect.evaluation.plots import format_ap_table
+    from spp_detect.inference.folder import detect_folder
+    from spp_detect.inference.dataset import dataset_proposals, test_detector
+    from spp_detect.training.train import train_detector
 
     sizes = QUICK_SIZES if quick else DEFAULT_SIZES
     num_train = sizes[0] if num_train is None else num_train
@@ -139,7 +139,7 @@ def run_demo(
     t = _stage(
         2,
         f"selective search proposals ({config.proposals.mode}, up to "
-        f"{config.proposals.max_proposals} per image, {config.proposals.jobs} jobs)",
+        f"{config.proposals.max_proposals} per image, {config.workers} jobs)",
     )
     dataset_proposals(train_set, config, cache_dir)
     test_proposals = dataset_proposals(test_set, config, cache_dir)
@@ -167,14 +167,14 @@ def run_demo(
     t = _stage(5, "detect on the test images (annotated copies; the cached proposals)")
     det_summary = detect_folder(
         model_path, [r.path for r in test_set.records], out / "detections",
-        score_thresh=score_thresh, device=device, jobs=max(1, config.proposals.jobs),
+        score_thresh=score_thresh, device=device, jobs=max(1, config.workers),
         exist_ok=True, proposals=test_proposals,
     )  # fmt: skip
     seconds["detect"] = time.perf_counter() - t
 
     speed: Optional[Dict[str, Any]] = None
     if bench_images > 0:
-        from .benchmark import SpeedSettings, run_speed_report
+        from spp_detect.benchmark.speed_report import SpeedSettings, run_speed_report
 
         t = _stage(
             6,

@@ -10,9 +10,9 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..utils import atomic_torch_save
-from .backbones import Backbone, build_backbone
-from .spp import SpatialPyramidPooling
+from spp_detect.utils import atomic_torch_save
+from spp_detect.modeling.backbones import Backbone, build_backbone
+from spp_detect.modeling.spp import SpatialPyramidPooling
 
 __all__ = ["SPPClassifier", "CLASSIFIER_FORMAT", "save_classifier", "load_classifier"]
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, List, Mapping, Sequence, Union
 
-from ..utils import atomic_write_bytes
+from spp_detect.utils import atomic_write_bytes
 
 __all__ = [
     "PAPER_SPP_TABLE",

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
-from ..utils import atomic_write_bytes
+from spp_detect.utils import atomic_write_bytes
 
 __all__ = [
     "PALETTE",

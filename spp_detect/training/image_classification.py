@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from ..modeling.backbones import build_backbone
-from ..modeling.classifier import SPPClassifier, save_classifier
-from ..utils import atomic_write_json, resolve_device
+from spp_detect.modeling.backbones import build_backbone
+from spp_detect.modeling.spp_classifier import SPPClassifier, save_classifier
+from spp_detect.utils import atomic_write_json, resolve_device
 
 __all__ = [
     "ClassifierTrainConfig",

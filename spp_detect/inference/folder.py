@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..datasets.images import (
+from spp_detect.datasets.images import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_EXTENSIONS,
     ImageReadError,
@@ -44,7 +44,7 @@ from ..datasets.images import (
     list_images,
     read_image,
 )
-from ..proposals.selective_search import selective_search
+from spp_detect.proposals.selective_search import selective_search
 
 __all__ = [
     "detect_folder",
@@ -371,13 +371,12 @@ def detect_folder(
         ValueError: bad arguments: a missing or invalid model, an input that names no image, an
             existing output folder without ``exist_ok``, ``jobs < 1``, an unknown mode.
     """
-    import dataclasses
-
     from tqdm import tqdm
 
-    from ..modeling.detector import WindowDetector, load_detector
-    from ..utils import StageTimer, atomic_write_json, resolve_device
-    from .visualize import annotated_name, draw_detections, save_image
+    from spp_detect.modeling.base import WindowDetector
+    from spp_detect.modeling.build import load_detector
+    from spp_detect.utils import StageTimer, atomic_write_json, resolve_device
+    from spp_detect.inference.visualize import annotated_name, draw_detections, save_image
 
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
@@ -398,46 +397,23 @@ def detect_folder(
 
     dev = resolve_device(device)
     if is_detector:
-        # A shallow copy shares the modules and weights; only its config is changed below.
-        detector = copy.copy(model).to(dev).eval()
+        # The caller's model is left exactly as it was: a configured copy (shared weights), or
+        # a deep copy when it has to move to another device.
+        detector = model if model.device == dev else copy.deepcopy(model).to(dev)
     else:
-        try:
-            detector = load_detector(model, dev)
-        except (RuntimeError, KeyError) as exc:
-            # A model file written by another version (missing or renamed weights).
-            why = _one_line(exc)[:300]
-            raise ValueError(
-                f"{model}: cannot load this model with this version of spp_detect ({why})"
-            ) from None
+        detector = load_detector(model, dev)
     cfg = detector.config
     if score_thresh is None:
         score_thresh = DEFAULT_SCORE_THRESH[cfg.test.classifier]
-    test_cfg = dataclasses.replace(cfg.test, score_thresh=float(score_thresh))
-    prop_cfg = dataclasses.replace(
-        cfg.proposals,
-        mode=proposal_mode or cfg.proposals.mode,
-        max_proposals=max_proposals or cfg.proposals.max_proposals,
-    )
-    model_cfg = (
-        cfg.model
-        if not scales
-        else dataclasses.replace(cfg.model, scales=tuple(int(s) for s in scales))
-    )
-    detector.config = cfg.replace(test=test_cfg, proposals=prop_cfg, model=model_cfg)
+    prop_cfg = cfg.proposals.replace(mode=proposal_mode, max_proposals=max_proposals)
+    detector = detector.with_settings(scales=scales, score_thresh=float(score_thresh))
+    test_cfg, model_cfg = detector.config.test, detector.config.model
     backbone = detector.backbone
     min_side = max(int(getattr(backbone, "min_input_size", 1)), int(backbone.stride))
-    # Selective search on a huge image is slow and no more precise than the network sees:
-    # segment at most at the longer side the pyramid allows (model.max_size, SPP_net: 2000).
-    resize_to = prop_cfg.resize_to or model_cfg.max_size or None
     kwargs = dict(
         min_side=min_side,
         max_pixels=max_pixels,
-        proposal_kwargs=dict(
-            mode=prop_cfg.mode,
-            max_proposals=prop_cfg.max_proposals,
-            min_size=prop_cfg.min_size,
-            resize_to=resize_to,
-        ),
+        proposal_kwargs=prop_cfg.selective_search_kwargs(),
     )
 
     listed = isinstance(input_path, (list, tuple))

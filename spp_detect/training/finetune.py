@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import FinetuneConfig
-from ..datasets.records import ImageRecord
-from ..datasets.sampling import label_windows, sample_minibatch
+from spp_detect.config import FinetuneConfig
+from spp_detect.datasets.records import ImageRecord
+from spp_detect.datasets.sampling import label_windows, sample_minibatch
 
 __all__ = ["TrainingImage", "make_training_images", "finetune_head", "num_iterations"]
 

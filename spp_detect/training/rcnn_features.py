@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..datasets.images import read_image
-from ..datasets.records import ImageRecord
-from ..utils import atomic_torch_save, null_timer
-from .features import weights_digest
+from spp_detect.datasets.images import read_image
+from spp_detect.datasets.records import ImageRecord
+from spp_detect.utils import atomic_torch_save, null_timer
+from spp_detect.training.conv_cache import weights_digest
 
 __all__ = ["RCNNWindowFeatures"]
 

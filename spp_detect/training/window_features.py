@@ -3,7 +3,7 @@
 Training reads window features many times (fine-tuning draws mini-batches, SVM mining and box
 regression make a pass each), so each method gets a source that avoids repeating its expensive
 part: SPP-net keeps each image's conv maps (``ConvFeatureCache``) and pools windows from them;
-the R-CNN baseline (``spp_detect.engine.rcnn_features``) caches each window's pooled vector.
+the R-CNN baseline (``spp_detect.training.rcnn_features``) caches each window's pooled vector.
 
 Both sources share one interface, indexed by the training images given to ``prepare``:
 ``rows(i, idx, rng=None) -> Tensor[len(idx), D]``, the pooled features of windows ``idx`` of
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..modeling.pyramid import random_scales
-from .features import ConvFeatureCache
+from spp_detect.modeling.pyramid import random_scales
+from spp_detect.training.conv_cache import ConvFeatureCache
 
 __all__ = ["SPPWindowFeatures"]
 

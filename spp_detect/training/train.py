@@ -22,14 +22,15 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..config import DetectorConfig
-from ..datasets.voc import VOCDataset
-from ..modeling.detector import build_detector
-from ..utils import atomic_torch_save, atomic_write_json, resolve_device
-from .features import weights_digest
-from .classifiers import train_svms_and_regressors
-from .inference import dataset_proposals
-from .finetune import finetune_head, make_training_images
+from spp_detect.config import DetectorConfig
+from spp_detect.datasets.voc import VOCDataset
+from spp_detect.modeling.build import build_detector
+from spp_detect.serialization import load_file, save_file
+from spp_detect.utils import atomic_write_json, resolve_device
+from spp_detect.training.conv_cache import weights_digest
+from spp_detect.training.svm_bbox import train_svms_and_regressors
+from spp_detect.inference.dataset import dataset_proposals
+from spp_detect.training.finetune import finetune_head, make_training_images
 
 __all__ = ["train_detector", "make_feature_source"]
 
@@ -43,8 +44,8 @@ def _digest(obj: Any) -> str:
 def make_feature_source(detector, cache_dir: Path):
     """The training feature source of a detector's method."""
     if detector.method == "spp":
-        from .features import ConvFeatureCache
-        from .window_features import SPPWindowFeatures
+        from spp_detect.training.conv_cache import ConvFeatureCache
+        from spp_detect.training.window_features import SPPWindowFeatures
 
         cache = ConvFeatureCache(
             cache_dir / "conv_features", detector, dtype=detector.config.feature_cache_dtype
@@ -52,7 +53,7 @@ def make_feature_source(detector, cache_dir: Path):
         return SPPWindowFeatures(
             detector, cache, random_scale=detector.config.finetune.random_scale
         )
-    from .rcnn_features import RCNNWindowFeatures
+    from spp_detect.training.rcnn_features import RCNNWindowFeatures
 
     return RCNNWindowFeatures(
         detector, cache_dir / "rcnn_features", dtype=detector.config.feature_cache_dtype
@@ -121,10 +122,12 @@ def train_detector(
     log["feature_cache"] = source.prepare(images)
     log["seconds"]["features"] = time.perf_counter() - t
 
+    # Keyed on what determines the fine-tuned head only: not on the SVM, test or worker settings.
+    cfg = config.to_dict()
     ft_key = _digest(
         [
             method,
-            config.to_dict(),
+            {k: cfg[k] for k in ("model", "proposals", "finetune", "feature_cache_dtype")},
             dataset.class_names,
             dataset.image_ids,
             weights_digest(detector.backbone),
@@ -132,17 +135,16 @@ def train_detector(
     )
     ft_path = output_dir / "finetune.pt"
     t = time.perf_counter()
-    if (
-        resume
-        and ft_path.is_file()
-        and torch.load(ft_path, weights_only=False).get("key") == ft_key
-    ):
-        detector.head.load_state_dict(torch.load(ft_path, weights_only=False)["head"])
+    saved = (
+        load_file(ft_path, what="fine-tuning checkpoint") if resume and ft_path.is_file() else None
+    )
+    if isinstance(saved, dict) and saved.get("key") == ft_key:
+        detector.head.load_state_dict(saved["head"])
         logger.info("fine-tuning: reusing %s", ft_path)
-        log["finetune"] = torch.load(ft_path, weights_only=False)["log"]
+        log["finetune"] = saved["log"]
     elif config.finetune.enabled:
         log["finetune"] = finetune_head(detector, source, images, config.finetune)
-        atomic_torch_save(
+        save_file(
             {"key": ft_key, "head": detector.head.state_dict(), "log": log["finetune"]}, ft_path
         )
     else:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
 
-from ..datasets.images import read_image
-from ..datasets.voc import VOCDataset
-from ..modeling.detector import WindowDetector, load_detector
-from ..proposals.cache import compute_proposals, load_proposals_file
-from ..structures import Detections
-from ..utils import StageTimer, atomic_torch_save, atomic_write_json, resolve_device
+from spp_detect.datasets.images import read_image
+from spp_detect.datasets.voc import VOCDataset
+from spp_detect.modeling.base import WindowDetector
+from spp_detect.modeling.build import load_detector
+from spp_detect.serialization import save_file
+from spp_detect.proposals.cache import compute_proposals, load_proposals_file
+from spp_detect.structures import Detections
+from spp_detect.utils import StageTimer, atomic_write_json, resolve_device
 
 __all__ = ["detect_dataset", "dataset_proposals", "test_detector"]
 
@@ -35,15 +37,11 @@ def dataset_proposals(
         if missing:
             raise ValueError(f"{proposals_file}: no proposals for image {missing[0]!r}")
         return proposals
-    pc = config.proposals
     return compute_proposals(
         dataset.records,
         Path(cache_dir) / "proposals",
-        jobs=pc.jobs,
-        mode=pc.mode,
-        max_proposals=pc.max_proposals,
-        min_size=pc.min_size,
-        resize_to=pc.resize_to or None,
+        jobs=config.workers,
+        **config.proposals.selective_search_kwargs(),
     )
 
 
@@ -75,6 +73,7 @@ def test_detector(
     use_07_metric: Optional[bool] = None,
     coco: bool = False,
     overrides: Optional[Dict[str, Any]] = None,
+    scales: Optional[Sequence[int]] = None,
 ) -> Dict[str, Any]:
     """Detect over a split, write VOC results files and ``metrics.json``, return the metrics.
 
@@ -85,20 +84,17 @@ def test_detector(
             ``metrics.json`` and ``pr_curves.png``.
         use_07_metric: VOC07 11-point AP (default for year 2007) or area AP.
         coco: also compute COCO-style AP through pycocotools.
-        overrides: ``TestConfig`` fields to change (e.g. ``{"classifier": "softmax"}``).
+        overrides: ``TestConfig`` fields to change (e.g. ``{"classifier": "softmax"}``); the
+            detector given is not changed (``with_settings`` makes a configured one).
+        scales: test scales instead of the model's ``config.model.scales``.
     """
-    from ..evaluation.report import evaluate_detections
+    from spp_detect.evaluation.report import evaluate_detections
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     detector = load_detector(model, dev) if not isinstance(model, WindowDetector) else model
-    if overrides:
-        import dataclasses
-
-        detector.config = detector.config.replace(
-            test=dataclasses.replace(detector.config.test, **overrides)
-        )
+    detector = detector.with_settings(scales=scales, **(overrides or {}))
     if list(dataset.class_names) != list(detector.class_names):
         raise ValueError(
             f"the model's classes {detector.class_names} differ from the dataset's "
@@ -111,7 +107,7 @@ def test_detector(
     t0 = time.perf_counter()
     dets = detect_dataset(detector, dataset, proposals, timer)
     seconds = time.perf_counter() - t0
-    atomic_torch_save(dets, output_dir / "detections.pt")
+    save_file({k: d.to_dict() for k, d in dets.items()}, output_dir / "detections.pt")
     # VOC results files, metrics.json and pr_curves.png (the evaluation layer's one path).
     metrics = evaluate_detections(
         dataset, dets, output_dir=output_dir, use_07_metric=use_07_metric, coco=coco

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import DetectorConfig
-from ..modeling.box_regression import BoxRegressor
-from ..modeling.svm import LinearSVMs, MiningImage, mean_norm_scale, train_svms
-from ..structures import box_iou
-from .finetune import TrainingImage
-from .window_features import all_rows
+from spp_detect.config import DetectorConfig
+from spp_detect.modeling.box_regression import BoxRegressor
+from spp_detect.modeling.svm import LinearSVMs, MiningImage, mean_norm_scale, train_svms
+from spp_detect.structures import box_iou
+from spp_detect.training.finetune import TrainingImage
+from spp_detect.training.window_features import all_rows
 
 __all__ = ["train_svms_and_regressors", "class_ious"]
 
