@@ -252,3 +252,194 @@ def test_tool_main(tmp_path):
         names |= {o["name"] for o in objs}
     assert names <= {"circle", "ring"}
     assert tool._cli(["--output", str(tmp_path / "t")]) == 2  # exists: one line, exit 2
+
+
+# --------------------------------------------------------------------------------------------
+# instance-split mode: test objects are other instances of the classes than training objects
+
+import json  # noqa: E402
+
+from spp_detect.datasets import toy_styles  # noqa: E402
+from spp_detect.datasets.toy_voc import render_instance_image  # noqa: E402
+
+# Up to 4 objects + 2 distractors per image: 8 distinct colours, none of them the grey 128.
+PALETTE8 = np.array(
+    [
+        [255, 0, 0],
+        [0, 255, 0],
+        [0, 0, 255],
+        [255, 255, 0],
+        [255, 0, 255],
+        [0, 255, 255],
+        [255, 128, 0],
+        [128, 0, 255],
+    ],
+    dtype=np.float32,
+)
+
+
+def _load_tool():
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_toy_voc.py"
+    spec = importlib.util.spec_from_file_location("make_toy_voc_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_instance_styles_split_disjoint_and_recorded():
+    rec = toy_styles.split_record(TOY_CLASSES)
+    assert rec["image_sets"] == {
+        "train": "train",
+        "val": "train",
+        "trainval": "train",
+        "test": "test",
+    }
+    for c in TOY_CLASSES:
+        train, test = set(rec["train"]["styles"][c]), set(rec["test"]["styles"][c])
+        assert len(train) >= 2 and len(test) >= 2 and not train & test, c
+        assert all(s.startswith(f"{c}/") for s in train | test)
+    assert not set(rec["train"]["textures"]) & set(rec["test"]["textures"])
+    # The palettes of the two sides are disjoint too, not only the pattern names.
+    palettes = {s: {t.split("/")[1] for t in rec[s]["textures"]} for s in ("train", "test")}
+    assert not palettes["train"] & palettes["test"]
+    lo, hi = rec["train"]["aspect"]["log_uniform"]
+    assert rec["test"]["aspect"]["stretch_log_uniform"][0] >= hi and lo == pytest.approx(1 / hi)
+    assert rec["distractors"] and all(d.startswith("distractor/") for d in rec["distractors"])
+    rng = np.random.default_rng(0)
+    stretch = toy_styles.style_side("test", TOY_CLASSES)
+    aspects = [stretch.draw_aspect(rng) for _ in range(200)]
+    assert all(a <= lo or a >= hi for a in aspects)  # test proportions never seen in training
+    assert min(aspects) < 1 < max(aspects)  # wide and tall
+    with pytest.raises(ValueError, match="side"):
+        toy_styles.style_side("val", TOY_CLASSES)
+
+
+@pytest.fixture
+def flat_instance_colours(monkeypatch):
+    """Grey background; the k-th painted shape of each image (object or distractor) a flat
+    PALETTE8[k]; no soft edges, low contrast or noise."""
+    counter = {"k": 0}
+
+    def background(rng, h, w):
+        counter["k"] = 0
+        return np.full((h, w, 3), 128, dtype=np.float32)
+
+    def fill(rng, family, labels):
+        colour = PALETTE8[counter["k"]]
+        counter["k"] += 1
+        return np.broadcast_to(colour, labels.shape + (3,)).copy()
+
+    monkeypatch.setattr(toy_voc, "_background", background)
+    monkeypatch.setattr(toy_styles, "paint_fill", fill)
+    monkeypatch.setattr(toy_styles, "edge_fade", lambda m: m.astype(np.float32))
+    monkeypatch.setattr(toy_voc, "_LOW_CONTRAST_P", 0.0)
+    monkeypatch.setattr(toy_voc, "_SENSOR_NOISE", 0.0)
+
+
+def test_instance_render_boxes_tight_and_distractors_separate(flat_instance_colours):
+    n_objects = n_distractors = 0
+    for side_name in ("train", "test"):
+        side = toy_styles.style_side(side_name, TOY_CLASSES)
+        for seed in range(10):
+            scene = render_instance_image(np.random.default_rng(seed), 260, 210, side)
+            img = scene.image
+            masks = scene.masks + scene.distractor_masks
+            shapes = scene.objects + scene.distractors
+            assert 1 <= len(scene.objects) <= 4 and len(scene.distractors) <= 2
+            union = np.zeros(img.shape[:2], dtype=bool)
+            for obj, mask in zip(shapes, masks):
+                assert not (union & mask).any()  # visible pixels belong to one shape
+                union |= mask
+                colours = np.unique(img[mask], axis=0)
+                assert len(colours) == 1  # one flat colour per shape ...
+                painted = (img == colours[0]).all(axis=2)
+                np.testing.assert_array_equal(painted, mask)  # ... and only there
+                assert obj.box == _bbox(mask)
+            np.testing.assert_array_equal((img != 128).any(axis=2), union)
+            for o in scene.objects:
+                assert o.name in TOY_CLASSES and o.style in {s.name for s in side.styles[o.name]}
+            for d in scene.distractors:
+                assert d.name not in TOY_CLASSES and d.style == f"distractor/{d.name}"
+            n_objects += len(scene.objects)
+            n_distractors += len(scene.distractors)
+    assert n_objects > 30 and n_distractors > 5
+
+
+def test_instance_styles_paint_details_and_holes():
+    # Real fills: a framed square has detail pixels in a third colour; a double ring has holes.
+    rng = np.random.default_rng(3)
+    framed = dict((s.name, s) for s in toy_styles.CLASS_STYLES["square"][0])["square/framed"]
+    labels, _, _ = toy_voc._rasterize(
+        [(c * 40 + 50, v) for c, v in framed.layers(np.random.default_rng(0))]
+    )
+    assert set(np.unique(labels)) == {0, 1, 2}
+    fill = toy_styles.paint_fill(rng, "solid/vivid", labels)
+    assert not np.allclose(fill[labels == 2][0], fill[labels == 1][0])
+    double = dict((s.name, s) for s in toy_styles.CLASS_STYLES["ring"][1])["ring/double"]
+    labels, x0, y0 = toy_voc._rasterize(
+        [(c * 40 + 50, v) for c, v in double.layers(np.random.default_rng(0))]
+    )
+    # Along a radius of 40 px: hole r < 0.3-0.42, band to 0.55-0.62, hole to 0.74-0.82, band.
+    radial = [labels[50 - y0, 50 - x0 + d] for d in (0, 19, 27, 36)]
+    assert radial == [0, 1, 0, 1]
+
+
+def test_instance_split_dataset_records_styles_and_annotates_only_classes(tmp_path):
+    tool = _load_tool()
+    args = tool.get_args_parser().parse_args(
+        ["--output", str(tmp_path / "i"), "--num-train", "10", "--num-val", "4"]
+        + ["--num-test", "12", "--seed", "2", "--min-size", "140", "--max-size", "200"]
+        + ["--instance-split"]
+    )
+    root = tool.main(args)
+    voc = root / "VOC2007"
+    meta = json.loads((voc / "toy_voc.json").read_text())
+    rec = meta["instance_split"]
+    assert {k: rec[k] for k in ("train", "test", "distractors")} == {
+        k: v for k, v in toy_styles.split_record(TOY_CLASSES).items() if k != "image_sets"
+    }
+    main = voc / "ImageSets" / "Main"
+    split = {s: (main / f"{s}.txt").read_text().split() for s in toy_voc.SPLITS}
+    assert set(rec["images"]) == set(split["trainval"]) | set(split["test"])
+    seen = {"train": set(), "test": set()}
+    n_distractors = 0
+    for image_id, info in rec["images"].items():
+        side = "test" if image_id in split["test"] else "train"
+        assert info["side"] == side
+        _, w, h, objs = _parse(voc / "Annotations" / f"{image_id}.xml")
+        # The record lists the annotated objects in annotation order, boxes continuous xyxy.
+        assert [o["name"] for o in objs] == [o["name"] for o in info["objects"]]
+        xml_boxes = [(b[0] - 1, b[1] - 1, b[2], b[3]) for b in (o["box"] for o in objs)]
+        assert xml_boxes == [tuple(o["box"]) for o in info["objects"]]
+        for o in info["objects"]:
+            assert o["style"] in rec[side]["styles"][o["name"]], (image_id, o)
+            assert o["texture"] in rec[side]["textures"], (image_id, o)
+            seen[side].add(o["style"])
+        for d in info["distractors"]:  # painted, never annotated
+            assert d["name"] not in TOY_CLASSES and d["style"] in rec["distractors"]
+            assert d["texture"] in rec[side]["textures"]
+            assert tuple(d["box"]) not in xml_boxes
+            n_distractors += 1
+    assert not seen["train"] & seen["test"]
+    assert len(seen["test"]) >= 8 and len(seen["train"]) >= 8
+    assert n_distractors >= 5
+    for s in ("train", "test"):  # every class in every split of >= 6 images
+        names = {o["name"] for i in split[s] for o in rec["images"][i]["objects"]}
+        assert names == set(TOY_CLASSES), s
+
+
+def test_instance_split_same_seed_same_bytes(tmp_path):
+    kw = dict(num_train=4, num_val=2, num_test=4, image_size=(120, 160), instance_split=True)
+    a = make_toy_voc(tmp_path / "a", seed=4, **kw)
+    b = make_toy_voc(tmp_path / "b", seed=4, **kw)
+    c = make_toy_voc(tmp_path / "c", seed=5, **kw)
+    plain = make_toy_voc(tmp_path / "p", seed=4, **dict(kw, instance_split=False))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file())
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    first = Path("VOC2007/JPEGImages/000001.jpg")
+    assert (a / first).read_bytes() != (c / first).read_bytes()
+    assert (a / first).read_bytes() != (plain / first).read_bytes()
+    assert "instance_split" not in json.loads((plain / "VOC2007/toy_voc.json").read_text())

@@ -2,6 +2,7 @@
 
     python tools/make_toy_voc.py --output data/toy_voc [--num-train 60] [--num-val 20]
         [--num-test 40] [--seed 0] [--min-size 200] [--max-size 400] [--overwrite]
+        [--instance-split]
 
 writes ``OUTPUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main}`` (see
 ``spp_detect.datasets.toy_voc.make_toy_voc``); OUTPUT is then a ``--voc-root`` for
@@ -38,6 +39,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=4, help="objects per image: 1..N")
     p.add_argument("--year", default="2007", help="writes OUTPUT/VOC<year>")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument(
+        "--instance-split",
+        action="store_true",
+        help="test objects are other instances (shape styles, textures, proportions) than "
+        "training objects, plus unannotated distractor shapes; the split is in toy_voc.json",
+    )
     return p
 
 
@@ -54,6 +61,7 @@ def main(args: argparse.Namespace) -> Path:
         max_objects=args.max_objects,
         year=args.year,
         overwrite=args.overwrite,
+        instance_split=args.instance_split,
     )
 
 

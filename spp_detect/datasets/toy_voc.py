@@ -15,6 +15,11 @@ to paint them), written in VOC's 1-based inclusive pixels: a box that covers pix
 VOC reader, ``datasets/voc.py``, converts back with ``x1 = xmin - 1, x2 = xmax``).
 
 The output depends only on the arguments: the same seed gives byte-identical files.
+
+``instance_split=True`` measures detection on objects the detector has not seen: test images
+draw their objects from other shape styles, textures and proportions than training images, and
+unannotated distractor shapes of no class appear in every split (see ``datasets/toy_styles.py``).
+``toy_voc.json`` then records the split and every object's style.
 """
 
 from __future__ import annotations
@@ -34,7 +39,17 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["TOY_CLASSES", "ToyObject", "DatasetExistsError", "render_toy_image", "make_toy_voc"]
+from spp_detect.datasets import toy_styles
+
+__all__ = [
+    "TOY_CLASSES",
+    "ToyObject",
+    "ToyScene",
+    "DatasetExistsError",
+    "render_toy_image",
+    "render_instance_image",
+    "make_toy_voc",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +67,8 @@ _SMALL_P = 0.12  # chance that an object is tiny (difficult)
 _LOW_CONTRAST_P = 0.06  # chance that an object nearly takes the background's colour (difficult)
 _TRUNCATED_P = 0.15  # chance that an object is centred near the border (usually truncated)
 _SENSOR_NOISE = 2.0  # std of the pixel noise added to the finished image (grey levels)
+_MAX_DISTRACTORS = 2  # instance split: 0..2 unannotated shapes of no class per image
+_INSTANCE_STREAM = 0x1257  # instance split: third seed word of each image's random stream
 
 
 class DatasetExistsError(FileExistsError, ValueError):
@@ -68,12 +85,37 @@ class ToyObject:
             columns ``x1 .. x2 - 1`` and rows ``y1 .. y2 - 1``.
         difficult: tiny or low-contrast (VOC evaluation ignores it).
         truncated: part of the shape lies outside the image.
+        style: instance-split mode only: the shape style (``"circle/ellipse"``,
+            ``"distractor/heart"``); ``None`` in the plain mode.
+        texture: instance-split mode only: the texture family (``"dots/pastel"``).
     """
 
     name: str
     box: Tuple[int, int, int, int]
     difficult: bool
     truncated: bool
+    style: Optional[str] = None
+    texture: Optional[str] = None
+
+
+@dataclass
+class ToyScene:
+    """One image of the instance-split mode.
+
+    Attributes:
+        image: uint8 [H, W, 3] RGB.
+        objects: the annotated objects (``style`` and ``texture`` set).
+        masks: bool [H, W] per object, its visible pixels (``objects[i].box`` is their box).
+        distractors: the shapes of no class (``name`` is the distractor kind, never a class);
+            not annotated.
+        distractor_masks: bool [H, W] per distractor, its visible pixels.
+    """
+
+    image: np.ndarray
+    objects: List[ToyObject]
+    masks: List[np.ndarray]
+    distractors: List[ToyObject]
+    distractor_masks: List[np.ndarray]
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,16 +157,17 @@ def _max_rotation(name: str) -> float:
     return {"square": 15.0, "cross": 20.0, "circle": 90.0, "ring": 90.0}.get(name, 180.0)
 
 
-def _rasterize(contours: List[np.ndarray]) -> Tuple[np.ndarray, int, int]:
-    """Fill contours (image-frame float vertices) -> (bool mask, x0, y0) of their bounding box."""
-    allpts = np.concatenate(contours)
+def _rasterize(layers: List[Tuple[np.ndarray, int]]) -> Tuple[np.ndarray, int, int]:
+    """Fill ``(contour, value)`` layers (image-frame float vertices) in order ->
+    (uint8 label map, x0, y0) of their bounding box; label 0 is outside the shape."""
+    allpts = np.concatenate([c for c, _ in layers])
     x0, y0 = np.floor(allpts.min(0)).astype(int) - 1
     x1, y1 = np.ceil(allpts.max(0)).astype(int) + 2
-    mask = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
-    for i, c in enumerate(contours):
+    labels = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
+    for c, value in layers:
         pts = np.round((c - [x0, y0]) * (1 << _SUB)).astype(np.int32)
-        cv2.fillPoly(mask, [pts], 1 if i == 0 else 0, cv2.LINE_8, _SUB)
-    return mask.astype(bool), int(x0), int(y0)
+        cv2.fillPoly(labels, [pts], int(value), cv2.LINE_8, _SUB)
+    return labels, int(x0), int(y0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,14 +278,34 @@ def _mask_box(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
-def _place(rng: np.random.Generator, name: str, w: int, h: int) -> Tuple[np.ndarray, bool, bool]:
-    """Draw one shape's geometry -> (full-image bool mask, truncated, small)."""
+def _plain_aspect(rng: np.random.Generator) -> float:
+    return float(np.exp(rng.uniform(np.log(0.67), np.log(1.5))))
+
+
+def _plain_layers(name: str):
+    """The plain mode's shape of a class as layers: the first contour filled, the rest holes."""
+    return lambda rng: [(c, 1 if i == 0 else 0) for i, c in enumerate(_unit_shape(name, rng))]
+
+
+def _place(
+    rng: np.random.Generator,
+    w: int,
+    h: int,
+    layers,
+    max_rotation: float,
+    draw_aspect=_plain_aspect,
+) -> Tuple[np.ndarray, bool, bool]:
+    """Draw one shape's geometry -> (full-image uint8 label map, truncated, small).
+
+    ``layers(rng)`` gives the shape's unit-frame ``(contour, value)`` layers; the label map holds
+    their values (0 outside the shape) and its non-zero pixels are the object's mask.
+    """
     small = rng.random() < _SMALL_P
     if small:
         extent = rng.uniform(*_SMALL_EXTENT)
     else:  # log-uniform from 28 px to 60% of the shorter side
         extent = float(np.exp(rng.uniform(np.log(28), np.log(0.6 * min(w, h)))))
-    aspect = float(np.exp(rng.uniform(np.log(0.67), np.log(1.5))))
+    aspect = draw_aspect(rng)
     sx, sy = extent / 2 * np.sqrt(aspect), extent / 2 / np.sqrt(aspect)
     cx, cy = rng.uniform(sx, w - sx), rng.uniform(sy, h - sy)
     if rng.random() < _TRUNCATED_P:  # centre near one border: 20% to 60% of the shape falls outside
@@ -255,17 +318,107 @@ def _place(rng: np.random.Generator, name: str, w: int, h: int) -> Tuple[np.ndar
             cy = inward * sy
         else:
             cy = h - inward * sy
-    rot = np.deg2rad(rng.uniform(-1, 1) * _max_rotation(name))
+    rot = np.deg2rad(rng.uniform(-1, 1) * max_rotation)
     rmat = np.array([[np.cos(rot), -np.sin(rot)], [np.sin(rot), np.cos(rot)]])
-    contours = [(c * [sx, sy]) @ rmat.T + [cx, cy] for c in _unit_shape(name, rng)]
-    local, x0, y0 = _rasterize(contours)
-    full = np.zeros((h, w), dtype=bool)
+    local, x0, y0 = _rasterize([((c * [sx, sy]) @ rmat.T + [cx, cy], v) for c, v in layers(rng)])
+    full = np.zeros((h, w), dtype=np.uint8)
     ix0, iy0 = max(x0, 0), max(y0, 0)
     ix1, iy1 = min(x0 + local.shape[1], w), min(y0 + local.shape[0], h)
     if ix1 > ix0 and iy1 > iy0:
         full[iy0:iy1, ix0:ix1] = local[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
-    truncated = int(full.sum()) < int(local.sum())
+    truncated = int(np.count_nonzero(full)) < int(np.count_nonzero(local))
     return full, truncated, small
+
+
+def _compose(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    items: List[dict],
+    img: np.ndarray,
+    side: Optional[toy_styles.StyleSide],
+) -> Tuple[np.ndarray, List[dict]]:
+    """Place and paint ``items`` (dicts with ``name``, and ``style`` in the instance-split mode)
+    on ``img`` in order, each on top of the earlier ones -> (uint8 image, placed items with
+    their final visible ``mask`` and ``box``)."""
+    placed: List[dict] = []
+    for item in items:
+        name, style = item["name"], item.get("style")
+        if style is None:
+            shape, max_rot, draw_aspect = _plain_layers(name), _max_rotation(name), _plain_aspect
+        else:
+            shape, max_rot, draw_aspect = style.layers, style.max_rotation, side.draw_aspect
+        for _ in range(_MAX_TRIES):
+            labels, truncated, small = _place(rng, width, height, shape, max_rot, draw_aspect)
+            full = labels > 0
+            box = _mask_box(full)
+            if box is None or min(box[2] - box[0], box[3] - box[1]) < 6:
+                continue
+            if any(_too_close(box, p["box"]) for p in placed):
+                continue
+            if any((p["mask"] & ~full).sum() < _MIN_VISIBLE * p["area"] for p in placed):
+                continue
+            break
+        else:
+            continue  # no room for this one
+        for p in placed:  # the new object is drawn on top
+            p["mask"] = p["mask"] & ~full
+            p["box"] = _mask_box(p["mask"])
+        x0, y0, x1, y1 = box
+        texture = None
+        if side is None:
+            tex = _texture(rng, y1 - y0, x1 - x0)
+        else:
+            texture = side.pick_texture(rng)
+            tex = toy_styles.paint_fill(rng, texture, labels[y0:y1, x0:x1])
+        low_contrast = not small and rng.random() < _LOW_CONTRAST_P
+        if low_contrast:  # nearly the local background colour: hard even for people
+            bg_mean = img[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+            tex = 0.85 * bg_mean + 0.15 * tex
+        region = img[y0:y1, x0:x1]
+        m = full[y0:y1, x0:x1]
+        if style is not None and style.soft_edge:  # fade into what lies below (mask unchanged)
+            alpha = toy_styles.edge_fade(m)[..., None]
+            tex = region + (tex - region) * alpha
+        region[m] = tex[m]
+        placed.append(
+            dict(
+                item,
+                mask=full,
+                area=int(full.sum()),
+                box=box,
+                truncated=truncated,
+                small=small,
+                low=low_contrast,
+                texture=texture,
+            )
+        )
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(_SENSOR_NOISE)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), placed
+
+
+def _toy_object(p: dict) -> ToyObject:
+    bx = p["box"]
+    tiny = min(bx[2] - bx[0], bx[3] - bx[1]) < _MIN_EASY_SIDE
+    style = p.get("style")
+    return ToyObject(
+        p["name"],
+        tuple(bx),
+        bool(p["small"] or p["low"] or tiny),
+        bool(p["truncated"]),
+        None if style is None else style.name,
+        p["texture"],
+    )
+
+
+def _class_names(
+    rng: np.random.Generator, classes: Sequence[str], max_objects: int, first_class: Optional[str]
+) -> List[str]:
+    n = int(rng.integers(1, max_objects + 1))
+    names = [str(rng.choice(list(classes))) for _ in range(n)]
+    if first_class is not None:
+        names[0] = first_class
+    return names
 
 
 def render_toy_image(
@@ -276,7 +429,7 @@ def render_toy_image(
     max_objects: int = 4,
     first_class: Optional[str] = None,
 ) -> Tuple[np.ndarray, List[ToyObject], List[np.ndarray]]:
-    """Render one image.
+    """Render one image of the plain mode.
 
     Args:
         rng: the only source of randomness.
@@ -292,60 +445,45 @@ def render_toy_image(
             exact bounding box of ``masks[i]``.
     """
     img = _background(rng, height, width)
-    n = int(rng.integers(1, max_objects + 1))
-    names = [str(rng.choice(list(classes))) for _ in range(n)]
-    if first_class is not None:
-        names[0] = first_class
-    placed: List[dict] = []
-    for name in names:
-        for _ in range(_MAX_TRIES):
-            full, truncated, small = _place(rng, name, width, height)
-            box = _mask_box(full)
-            if box is None or min(box[2] - box[0], box[3] - box[1]) < 6:
-                continue
-            if any(_too_close(box, p["box"]) for p in placed):
-                continue
-            if any((p["mask"] & ~full).sum() < _MIN_VISIBLE * p["area"] for p in placed):
-                continue
-            break
-        else:
-            continue  # no room for this one
-        for p in placed:  # the new object is drawn on top
-            p["mask"] = p["mask"] & ~full
-            p["box"] = _mask_box(p["mask"])
-        x0, y0, x1, y1 = box
-        tex = _texture(rng, y1 - y0, x1 - x0)
-        low_contrast = not small and rng.random() < _LOW_CONTRAST_P
-        if low_contrast:  # nearly the local background colour: hard even for people
-            bg_mean = img[y0:y1, x0:x1].reshape(-1, 3).mean(0)
-            tex = 0.85 * bg_mean + 0.15 * tex
-        region = img[y0:y1, x0:x1]
-        m = full[y0:y1, x0:x1]
-        region[m] = tex[m]
-        placed.append(
-            dict(
-                name=name,
-                mask=full,
-                area=int(full.sum()),
-                box=box,
-                truncated=truncated,
-                small=small,
-                low=low_contrast,
-            )
-        )
-    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(_SENSOR_NOISE)
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    objects, masks = [], []
-    for p in placed:
-        bx = p["box"]
-        tiny = min(bx[2] - bx[0], bx[3] - bx[1]) < _MIN_EASY_SIDE
-        objects.append(
-            ToyObject(
-                p["name"], tuple(bx), bool(p["small"] or p["low"] or tiny), bool(p["truncated"])
-            )
-        )
-        masks.append(p["mask"])
-    return image, objects, masks
+    names = _class_names(rng, classes, max_objects, first_class)
+    image, placed = _compose(rng, width, height, [dict(name=n) for n in names], img, None)
+    return image, [_toy_object(p) for p in placed], [p["mask"] for p in placed]
+
+
+def render_instance_image(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    side: toy_styles.StyleSide,
+    classes: Sequence[str] = TOY_CLASSES,
+    max_objects: int = 4,
+    first_class: Optional[str] = None,
+) -> ToyScene:
+    """Render one image of the instance-split mode.
+
+    As :func:`render_toy_image`, but each object's shape style, texture family and aspect ratio
+    come from ``side`` (``toy_styles.style_side("train" | "test", classes)``), and 0 to
+    ``_MAX_DISTRACTORS`` shapes of no class are painted among the objects (the first object
+    is placed first; the others and the distractors in random order).
+    """
+    img = _background(rng, height, width)
+    names = _class_names(rng, classes, max_objects, first_class)
+    items = [dict(name=n, style=side.pick_style(rng, n), annotated=True) for n in names]
+    for _ in range(int(rng.integers(0, _MAX_DISTRACTORS + 1))):
+        style = side.pick_distractor(rng)
+        items.append(dict(name=style.name.split("/")[1], style=style, annotated=False))
+    rest = items[1:]
+    items = items[:1] + [rest[i] for i in rng.permutation(len(rest))]
+    image, placed = _compose(rng, width, height, items, img, side)
+    objs = [p for p in placed if p["annotated"]]
+    distractors = [p for p in placed if not p["annotated"]]
+    return ToyScene(
+        image,
+        [_toy_object(p) for p in objs],
+        [p["mask"] for p in objs],
+        [_toy_object(p) for p in distractors],
+        [p["mask"] for p in distractors],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,6 +549,7 @@ def make_toy_voc(
     year: str = "2007",
     jpeg_quality: int = 92,
     overwrite: bool = False,
+    instance_split: bool = False,
 ) -> Path:
     """Write a VOCdevkit-style toy dataset.
 
@@ -420,7 +559,9 @@ def make_toy_voc(
         root/VOC<year>/Annotations/<id>.xml          VOC XML, boxes 1-based inclusive
         root/VOC<year>/ImageSets/Main/{train,val,trainval,test}.txt
         root/VOC<year>/ImageSets/Main/<class>_<split>.txt   "<id> 1|0|-1" as in the devkit
-        root/VOC<year>/toy_voc.json                  the arguments, for the record
+        root/VOC<year>/toy_voc.json                  the arguments, for the record (and, with
+                                                     instance_split, the split of styles and
+                                                     every object's style)
 
     Args:
         root: the VOCdevkit folder (created if needed).
@@ -434,6 +575,13 @@ def make_toy_voc(
         year: the ``VOC<year>`` folder name.
         jpeg_quality: JPEG quality of the images.
         overwrite: replace an existing non-empty ``VOC<year>`` folder.
+        instance_split: test images show other instances of the classes than train / val /
+            trainval images (other shape styles, textures, colours and proportions, see
+            ``datasets/toy_styles.py``), and every image may hold unannotated distractor shapes
+            of no class. ``toy_voc.json`` gets an ``instance_split`` entry: the styles, textures
+            and aspect ranges of each side, and per image its side, its objects (in annotation
+            order: name, style, texture, box) and its distractors. False: the plain set,
+            unchanged.
     Returns:
         ``Path(root)``.
     Raises:
@@ -476,12 +624,30 @@ def make_toy_voc(
             (tmp / sub).mkdir(parents=True)
         present: Dict[str, Dict[str, int]] = {}
         n_objects = n_difficult = n_truncated = 0
+        sides = {s: toy_styles.style_side(s, classes) for s in ("train", "test")}
+        test_ids = set(splits["test"])
+        records: Dict[str, dict] = {}
         for index, image_id in enumerate(ids):
-            rng = np.random.default_rng([seed, index + 1])
+            if not instance_split:
+                rng = np.random.default_rng([seed, index + 1])
+            else:  # other draws than the plain set of the same seed
+                rng = np.random.default_rng([seed, index + 1, _INSTANCE_STREAM])
             w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-            image, objects, _ = render_toy_image(
-                rng, w, h, classes, max_objects, first_class=first_class[image_id]
-            )
+            if not instance_split:
+                image, objects, _ = render_toy_image(
+                    rng, w, h, classes, max_objects, first_class=first_class[image_id]
+                )
+            else:
+                side = sides["test" if image_id in test_ids else "train"]
+                scene = render_instance_image(
+                    rng, w, h, side, classes, max_objects, first_class=first_class[image_id]
+                )
+                image, objects = scene.image, scene.objects
+                records[image_id] = dict(
+                    side=side.name,
+                    objects=[_object_record(o) for o in objects],
+                    distractors=[_object_record(o) for o in scene.distractors],
+                )
             (tmp / "JPEGImages" / f"{image_id}.jpg").write_bytes(_encode_jpeg(image, jpeg_quality))
             (tmp / "Annotations" / f"{image_id}.xml").write_bytes(
                 _annotation_xml(image_id, year, w, h, objects)
@@ -510,6 +676,8 @@ def make_toy_voc(
             max_objects=max_objects,
             jpeg_quality=jpeg_quality,
         )
+        if instance_split:
+            meta["instance_split"] = dict(toy_styles.split_record(classes), images=records)
         (tmp / "toy_voc.json").write_text(json.dumps(meta, indent=1) + "\n")
         _replace_dir(tmp, final)
     except BaseException:
@@ -525,6 +693,11 @@ def make_toy_voc(
         final,
     )
     return root
+
+
+def _object_record(o: ToyObject) -> dict:
+    """An object of the instance-split mode as JSON: box in the continuous frame, xyxy."""
+    return dict(name=o.name, style=o.style, texture=o.texture, box=list(o.box))
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
