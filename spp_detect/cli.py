@@ -1,6 +1,7 @@
 """The ``spp-detect`` command: detection on image folders, the demo, and the tools' commands.
 
-    spp-detect detect --model M --input PATH --output DIR [--score-thresh T] [--jobs N] ...
+    spp-detect detect --model M --input PATH --output DIR [--score-thresh T] [--jobs N]
+        [--resume] ...
     spp-detect demo [--output DIR] [--quick]
     spp-detect train ...   (= tools/train_net.py)
     spp-detect eval ...    (= tools/test_net.py)
@@ -8,8 +9,8 @@
 
 Each subcommand parses its arguments and makes one library call; ``train``, ``eval`` and
 ``bench`` share their argument sets and calls with the tools (``spp_detect.cli_common``).
-Exit codes: 0 success; 1 a readable image the detector failed on (``detect``); 2 bad arguments
-or input (one line on stderr, no traceback); 130 interrupted.
+Exit codes: 0 success; 1 a readable image the detector failed on (``detect``), or a bug (with
+its traceback); 2 bad arguments or input (one line on stderr, no traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .cli_common import (
     add_test_args,
     add_train_args,
     bench_from_args,
+    positive_int,
     run_user_command,
     test_from_args,
     train_from_args,
@@ -32,16 +34,6 @@ from .cli_common import (
 from .datasets.images import DEFAULT_MAX_PIXELS
 
 __all__ = ["get_args_parser", "main"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,9 +58,9 @@ def add_detect_args(p: argparse.ArgumentParser) -> None:
         "--proposals", choices=["fast", "quality"], default=None, help="selective search mode"
     )
     p.add_argument(
-        "--max-proposals", type=_positive_int, default=None, help="windows per image (model: 2000)"
+        "--max-proposals", type=positive_int, default=None, help="windows per image (model: 2000)"
     )
-    p.add_argument("--scales", type=_positive_int, nargs="+", default=None, help="test scales")
+    p.add_argument("--scales", type=positive_int, nargs="+", default=None, help="test scales")
     p.add_argument(
         "--proposals-file",
         type=Path,
@@ -84,15 +76,23 @@ def add_detect_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="worker processes reading images and running selective search ahead of the "
         "network (default 1: inline)",
     )
-    p.add_argument("--exist-ok", action="store_true", help="write into an existing output folder")
+    p.add_argument(
+        "--exist-ok", action="store_true", help="start afresh in an existing output folder"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an earlier run in OUTPUT: images already in OUTPUT/detections.jsonl "
+        "are skipped (same model and settings required)",
+    )
     p.add_argument(
         "--max-pixels",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         help=f"skip larger images (default {DEFAULT_MAX_PIXELS:,})",
     )
@@ -123,6 +123,7 @@ def detect_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         max_pixels=args.max_pixels,
         progress=not args.no_progress,
         proposals=proposals,
+        resume=args.resume,
     )
     print(format_summary(summary))
     return summary
@@ -141,10 +142,10 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, default=Path("spp_demo"), help="output folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     p.add_argument(
-        "--num-train", type=_positive_int, default=None, help="toy training images (40; quick: 16)"
+        "--num-train", type=positive_int, default=None, help="toy training images (40; quick: 16)"
     )
     p.add_argument(
-        "--num-test", type=_positive_int, default=None, help="toy test images (20; quick: 8)"
+        "--num-test", type=positive_int, default=None, help="toy test images (20; quick: 8)"
     )
     p.add_argument(
         "--quick", action="store_true", help="smoke run: fewer images, proposals, iterations"

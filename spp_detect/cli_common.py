@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict
 
+from .errors import UserInputError
+
 __all__ = [
+    "positive_int",
     "setup_logging",
     "run_user_command",
     "add_train_args",
@@ -18,12 +22,28 @@ __all__ = [
     "test_from_args",
     "add_bench_args",
     "bench_from_args",
-    "UserError",
 ]
 
+# Operating-system errors about a path the user gave (a missing input, an existing output, a
+# folder where a file was expected, no permission): the user's to fix, like UserInputError.
+USER_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
-class UserError(ValueError):
-    """A problem with the user's input: reported in one line, exit code 2, no traceback."""
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a bad value is a usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -34,18 +54,34 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split())
+
+
 def run_user_command(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Run ``main(args)``; user errors (``ValueError``, missing files) print one line and give
-    exit code 2 instead of a traceback."""
+    """Run ``main(args)`` and return the exit code.
+
+    0: success. 2: the user's mistake (``UserInputError``, or an ``OSError`` about a path in
+    ``USER_OS_ERRORS``): one line on stderr, no traceback. 130: interrupted. 1: anything else,
+    which is a bug: its traceback is printed.
+    """
     setup_logging(getattr(args, "verbose", False))
     try:
         main(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserInputError, *USER_OS_ERRORS) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted (finished stages and caches are kept)", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug: show where it happened
+        traceback.print_exc()
+        print(
+            "error: internal error (a bug in spp_detect; the traceback is above)", file=sys.stderr
+        )
+        return 1
     return 0
 
 
@@ -88,7 +124,7 @@ def _pretrained(weights: str | None) -> Any:
     if weights == "none":
         return False
     if not Path(weights).is_file():
-        raise UserError(f"{weights}: weights file not found")
+        raise UserInputError(f"{weights}: weights file not found")
     return weights
 
 
@@ -143,7 +179,7 @@ def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
     detector = load_detector(args.model, resolve_device(args.device))
     if args.method and args.method != detector.method:
-        raise UserError(f"{args.model}: a {detector.method!r} model, not {args.method!r}")
+        raise UserInputError(f"{args.model}: a {detector.method!r} model, not {args.method!r}")
     test_overrides: Dict[str, Any] = {}
     if args.classifier:
         test_overrides["classifier"] = args.classifier
@@ -214,12 +250,12 @@ def bench_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     """``engine.benchmark.run_speed_report`` from ``add_bench_args`` arguments."""
     # Cheap checks first: a typo fails in a second, before torch is imported.
     if not args.voc_root.is_dir():
-        raise UserError(f"{args.voc_root}: VOC root folder not found")
+        raise UserInputError(f"{args.voc_root}: VOC root folder not found")
     for flag, path in (("--model", args.model), ("--rcnn-model", args.rcnn_model)):
         if path is not None and not path.is_file():
-            raise UserError(f"{flag} {path}: model file not found")
+            raise UserInputError(f"{flag} {path}: model file not found")
     if args.weights not in ("auto", "imagenet", "none") and not Path(args.weights).is_file():
-        raise UserError(f"{args.weights}: weights file not found")
+        raise UserInputError(f"{args.weights}: weights file not found")
 
     import torch
 

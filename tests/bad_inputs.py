@@ -14,8 +14,8 @@ from spp_detect.modeling.build import build_detector
 CLASSES = ["a", "b"]
 
 
-def save_tiny_model(folder: Path) -> Path:
-    """A tiny untrained SPP-net (ZF-5, random weights, fc 32, softmax) saved as model.pt."""
+def tiny_detector():
+    """A tiny untrained SPP-net (ZF-5, random weights, fc 32, softmax), in eval mode."""
     config = apply_overrides(
         DetectorConfig(),
         [
@@ -26,8 +26,12 @@ def save_tiny_model(folder: Path) -> Path:
             "proposals.max_proposals=8",
         ],
     )
-    detector = build_detector("spp", CLASSES, config, pretrained=False)
-    return detector.save(Path(folder) / "model.pt")
+    return build_detector("spp", CLASSES, config, pretrained=False).eval()
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """``tiny_detector()`` saved as ``folder/model.pt``."""
+    return tiny_detector().save(Path(folder) / "model.pt")
 
 
 def scene(h, w, seed=0):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spp_detect import cli
-from spp_detect.inference import folder as df
+from spp_detect import cli, cli_common
+from spp_detect.errors import UserInputError
+from spp_detect.inference import inputs
 
 from bad_inputs import CLASSES, make_bad_folder, save_tiny_model, scene  # noqa: E402
 
@@ -44,14 +45,14 @@ def _assert_one_line_error(capsys, *words):
 
 def test_detect_over_every_bad_case(tmp_path, model_path, monkeypatch, capsys):
     good, bad = make_bad_folder(tmp_path / "in")
-    real = df.list_images
+    real = inputs.list_images
 
     def listing(path):  # gone.jpg is deleted after it was listed: it disappears mid-run
         found = real(path)
         (tmp_path / "in" / "gone.jpg").unlink()
         return found
 
-    monkeypatch.setattr(df, "list_images", listing)
+    monkeypatch.setattr(inputs, "list_images", listing)
     out = tmp_path / "out"
     assert cli.main(_detect_argv(model_path, tmp_path / "in", out)) == 0
     captured = capsys.readouterr()
@@ -128,7 +129,7 @@ def test_detect_bad_arguments_exit_2(tmp_path, model_path, capsys):
 
 
 def test_detect_with_a_proposals_file(tmp_path, model_path):
-    from spp_detect.proposals.cache import save_proposals_file
+    from spp_detect.proposals.files import save_proposals_file
 
     Image.fromarray(scene(48, 64)).save(tmp_path / "x.png")
     save_proposals_file(tmp_path / "p.npz", {"x": np.array([[0, 0, 30, 20]], np.float32)})
@@ -149,8 +150,7 @@ def test_usage(capsys):
 
 def _tool_parser(name):
     path = REPO / "tools" / f"{name}.py"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    assert path.is_file(), path
     spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -180,3 +180,73 @@ def test_train_and_eval_report_user_errors(tmp_path, capsys):
     assert cli.main(["eval", *argv, "--model", str(tmp_path / "m.pt")]) == 2
     _assert_one_line_error(capsys, "m.pt")
     assert cli.main(["demo", "--num-train", "0"]) == 2
+
+
+def test_detect_resume_from_the_command_line(tmp_path, model_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(2):
+        Image.fromarray(scene(48, 64, k)).save(folder / f"{k}.png")
+    out = tmp_path / "out"
+    assert cli.main(_detect_argv(model_path, folder, out, "--no-save-images")) == 0
+    lines = (out / "detections.jsonl").read_text().splitlines()
+    assert [json.loads(line)["file"] for line in lines] == ["0.png", "1.png"]
+    (out / "detections.jsonl").write_text(lines[0] + "\n")  # killed after the first image
+    capsys.readouterr()
+    assert cli.main(_detect_argv(model_path, folder, out, "--no-save-images", "--resume")) == 0
+    assert "resumed: 1 images were done by an earlier run" in capsys.readouterr().out
+    doc = json.loads((out / "detections.json").read_text())
+    assert [e["file"] for e in doc["images"]] == ["0.png", "1.png"] and doc["complete"]
+    argv = _detect_argv(model_path, folder, out, "--resume", "--score-thresh", "0.9")
+    assert cli.main(argv) == 2
+    _assert_one_line_error(capsys, "cannot resume")
+
+
+def _run(main_fn):
+    import argparse
+
+    return cli_common.run_user_command(main_fn, argparse.Namespace(verbose=False))
+
+
+def _raise(exc):
+    def main(args):
+        raise exc
+
+    return main
+
+
+@pytest.mark.parametrize(
+    "exc,words",
+    [
+        (UserInputError("x.yaml: config file not found"), ["x.yaml: config file not found"]),
+        (FileNotFoundError(2, "No such file or directory", "in/a.jpg"), ["in/a.jpg", "No such"]),
+        (FileExistsError(17, "File exists", "out"), ["out", "File exists"]),
+        (NotADirectoryError(20, "Not a directory", "f/x"), ["f/x"]),
+        (PermissionError(13, "Permission denied", "/root/x"), ["/root/x", "Permission denied"]),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(exc, words, capsys):
+    assert _run(_raise(exc)) == 2
+    _assert_one_line_error(capsys, *words)
+
+
+@pytest.mark.parametrize(
+    "exc", [ValueError("shape mismatch"), KeyError("fc6"), RuntimeError("boom"), OSError("disk")]
+)
+def test_bugs_print_a_traceback_and_exit_1(exc, capsys):
+    assert _run(_raise(exc)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and type(exc).__name__ in err
+    assert "internal error" in err
+
+
+def test_config_errors_are_user_errors(tmp_path, capsys):
+    argv = ["train", "--voc-root", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert cli.main([*argv, "finetune.nope=1"]) == 2
+    _assert_one_line_error(capsys, "unknown config key", "finetune.nope")
+    assert cli.main([*argv, "finetune.lr=abc"]) == 2
+    _assert_one_line_error(capsys, "finetune.lr", "expected a number")
+    assert cli.main([*argv, "--config", str(tmp_path / "none.yaml")]) == 2
+    _assert_one_line_error(capsys, "none.yaml", "config file not found")
+    assert cli.main([*argv, "proposals.mode=slow"]) == 2
+    _assert_one_line_error(capsys, "proposals.mode")

@@ -6,15 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from spp_detect.cli_common import run_user_command
+from spp_detect.cli_common import positive_int, run_user_command
 from spp_detect.datasets.toy_cls import TOY_CLASSES, make_toy_cls
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", required=True, type=Path, help="dataset root folder")
-    parser.add_argument("--num-train", type=int, default=40, help="training images per class")
-    parser.add_argument("--num-test", type=int, default=20, help="test images per class")
+    parser.add_argument(
+        "--num-train", type=positive_int, default=40, help="training images per class"
+    )
+    parser.add_argument("--num-test", type=positive_int, default=20, help="test images per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--classes", nargs="+", default=list(TOY_CLASSES), help=f"subset of {TOY_CLASSES}"

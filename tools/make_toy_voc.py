@@ -12,23 +12,22 @@ writes ``OUTPUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main}`` (see
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
 
-from spp_detect.datasets.toy_voc import TOY_CLASSES, DatasetExistsError, make_toy_voc
+from spp_detect.cli_common import positive_int, run_user_command
+from spp_detect.datasets.toy_voc import TOY_CLASSES, make_toy_voc
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, type=Path, help="VOCdevkit folder to write")
-    p.add_argument("--num-train", type=int, default=60, help="training images")
-    p.add_argument("--num-val", type=int, default=20, help="validation images")
-    p.add_argument("--num-test", type=int, default=40, help="test images")
+    p.add_argument("--num-train", type=positive_int, default=60, help="training images")
+    p.add_argument("--num-val", type=positive_int, default=20, help="validation images")
+    p.add_argument("--num-test", type=positive_int, default=40, help="test images")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    p.add_argument("--min-size", type=int, default=200, help="smallest image side (px)")
-    p.add_argument("--max-size", type=int, default=400, help="largest image side (px)")
+    p.add_argument("--min-size", type=positive_int, default=200, help="smallest image side (px)")
+    p.add_argument("--max-size", type=positive_int, default=400, help="largest image side (px)")
     p.add_argument(
         "--classes",
         nargs="+",
@@ -36,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=TOY_CLASSES,
         help="object classes to draw",
     )
-    p.add_argument("--max-objects", type=int, default=4, help="objects per image: 1..N")
+    p.add_argument("--max-objects", type=positive_int, default=4, help="objects per image: 1..N")
     p.add_argument("--year", default="2007", help="writes OUTPUT/VOC<year>")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument(
@@ -49,8 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
-    """Write the dataset; returns the VOCdevkit folder."""
-    return make_toy_voc(
+    """Write the dataset; prints and returns the VOCdevkit folder."""
+    root = make_toy_voc(
         args.output,
         num_train=args.num_train,
         num_val=args.num_val,
@@ -63,19 +62,9 @@ def main(args: argparse.Namespace) -> Path:
         overwrite=args.overwrite,
         instance_split=args.instance_split,
     )
-
-
-def _cli(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = get_args_parser().parse_args(argv)
-    try:
-        root = main(args)
-    except (DatasetExistsError, ValueError) as e:  # user errors: one line, no traceback
-        print(f"make_toy_voc: error: {e}", file=sys.stderr)
-        return 2
     print(root)
-    return 0
+    return root
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    sys.exit(run_user_command(main, get_args_parser().parse_args()))

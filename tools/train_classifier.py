@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from spp_detect.cli_common import run_user_command
+from spp_detect.cli_common import positive_int, run_user_command
 from spp_detect.training.image_classification import (
     ClassifierTrainConfig,
     format_metrics_table,
@@ -37,14 +37,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-stride", type=int, default=None, help="efficientnet_lite0: 8, 16, 32")
     p.add_argument("--freeze-backbone", action="store_true", help="train only fc6, fc7, scores")
     p.add_argument(
-        "--sizes", type=int, nargs="+", default=[224], help="224 (single) or 224 180 (multi)"
+        "--sizes",
+        type=positive_int,
+        nargs="+",
+        default=[224],
+        help="224 (single) or 224 180 (multi)",
     )
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--levels", type=int, nargs="+", default=[6, 3, 2, 1], help="SPP levels")
-    p.add_argument("--hidden", type=int, default=4096, help="fc6 / fc7 width")
+    p.add_argument("--hidden", type=positive_int, default=4096, help="fc6 / fc7 width")
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")

@@ -11,10 +11,9 @@ prints one line and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from typing import List, Optional
 
+from spp_detect.cli_common import run_user_command
 from spp_detect.datasets.voc import VOCDataset
 from spp_detect.evaluation.plots import format_ap_table
 from spp_detect.evaluation.report import evaluate_results_dir
@@ -70,16 +69,5 @@ def main(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        main(args)
-    except (ValueError, OSError) as e:
-        print(f"voc_eval: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_user_command(main, get_args_parser().parse_args()))
