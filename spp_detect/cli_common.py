@@ -214,7 +214,12 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt")
     p.add_argument("--num-images", type=int, default=10, help="the first N images of the split")
     p.add_argument("--backbone", default="zf5", help="zf5, efficientnet_lite0, vgg16, alexnet")
-    p.add_argument("--proposals", type=int, default=2000, help="at most this many windows")
+    p.add_argument(
+        "--proposals", type=int, default=None,
+        help="at most this many windows per image (default: as the --model was trained, "
+        "else 2000); with it or a proposals.KEY=VALUE override, every proposal setting comes "
+        "from the command line's configuration",
+    )  # fmt: skip
     p.add_argument("--model", type=Path, default=None, help="trained SPP-net model.pt")
     p.add_argument("--rcnn-model", type=Path, default=None, help="trained R-CNN model.pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
@@ -247,7 +252,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """``engine.benchmark.run_speed_report`` from ``add_bench_args`` arguments."""
+    """``benchmark.speed_report.run_speed_report`` from ``add_bench_args`` arguments."""
     # Cheap checks first: a typo fails in a second, before torch is imported.
     if not args.voc_root.is_dir():
         raise UserInputError(f"{args.voc_root}: VOC root folder not found")
@@ -264,16 +269,19 @@ def bench_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = list(args.overrides) + [
-        f"model.backbone={args.backbone}",
-        f"proposals.max_proposals={args.proposals}",
-    ]
+    overrides = list(args.overrides) + [f"model.backbone={args.backbone}"]
+    if args.proposals is not None:
+        overrides.append(f"proposals.max_proposals={args.proposals}")
+    config = load_config(args.config, overrides)
+    # Proposal settings asked for on the command line apply to every method; otherwise the
+    # report uses the model's own (how it was trained), or the defaults without a model.
+    asked = args.proposals is not None or any(o.startswith("proposals.") for o in args.overrides)
     return run_speed_report(
         args.voc_root,
         args.output,
         year=args.year,
         split=args.split,
-        config=load_config(args.config, overrides),
+        config=config,
         settings=SpeedSettings(
             methods=tuple(args.methods),
             num_images=args.num_images,
@@ -287,4 +295,5 @@ def bench_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         device=args.device,
         weights=args.weights,
         cache_dir=args.cache_dir,
+        proposals=config.proposals if asked else None,
     )

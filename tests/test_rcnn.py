@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp_detect.config import DetectorConfig, ModelConfig
-from spp_detect.benchmark.speed_report import randomize_heads
 from spp_detect.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from spp_detect.modeling.rcnn import RCNNDetector, context_windows, warp_windows
 from spp_detect.structures import Detections
+
+from bench_helpers import random_heads  # noqa: E402
 
 
 def tiny_zf5(channels: int = 8) -> Backbone:
@@ -47,7 +48,7 @@ def tiny_rcnn(num_classes: int = 3, channels: int = 8, seed: int = 0) -> RCNNDet
     torch.manual_seed(seed)
     config = DetectorConfig(model=ModelConfig(hidden=16))
     det = RCNNDetector(tiny_zf5(channels), [f"c{k}" for k in range(num_classes)], config)
-    return randomize_heads(det, seed).eval()
+    return random_heads(det, seed).eval()
 
 
 def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:

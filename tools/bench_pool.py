@@ -93,6 +93,34 @@ def _roi_pool_bins_exact(cells: torch.Tensor, levels) -> torch.Tensor:
     return same
 
 
+def _print_summary(result: dict, args: argparse.Namespace) -> None:
+    """The timings and the agreement of ``main``'s result, as a small table."""
+    levels, (h, w) = result["levels"], result["map_hw"]
+    print(
+        f"{args.windows} windows, conv5 {args.channels} x {h} x {w}, levels "
+        f"{levels}, {args.device} ({result['threads']} threads), {args.dtype}"
+    )
+    print(f"{'method':<28}{'median ms':>12}{'min ms':>12}")
+    rows = [
+        ("pool_windows", result["pool_windows"]),
+        (f"roi_pool x{len(levels)} levels", result["roi_pool_per_level"]),
+    ]
+    if args.backward:
+        rows += [
+            ("pool_windows fwd+bwd", result["pool_windows_fwd_bwd"]),
+            ("roi_pool fwd+bwd", result["roi_pool_fwd_bwd"]),
+        ]
+    for name, t in rows:
+        print(f"{name:<28}{t['median_ms']:>12.1f}{t['min_ms']:>12.1f}")
+    agree = result["agreement"]
+    print(f"ratio roi_pool / pool_windows: {result['ratio_roi_pool_over_pool_windows']:.2f}x")
+    print(
+        f"agreement: {agree['windows_with_same_bins']}/{args.windows} windows have the same bins "
+        f"in both; {agree['of_those_outputs_equal']} of them give equal outputs; "
+        f"{agree['windows_outputs_equal']} equal overall (max |diff| {agree['max_abs_diff']:.3g})"
+    )
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,26 +185,7 @@ def main(args: argparse.Namespace) -> dict:
         result["pool_windows_fwd_bwd"] = timed["ours"]
         result["roi_pool_fwd_bwd"] = timed["theirs"]
 
-    print(
-        f"{args.windows} windows, conv5 {args.channels} x {map_hw[0]} x {map_hw[1]}, levels "
-        f"{levels}, {args.device} ({result['threads']} threads), {args.dtype}"
-    )
-    print(f"{'method':<28}{'median ms':>12}{'min ms':>12}")
-    rows = [("pool_windows", t_ours), ("roi_pool x%d levels" % len(levels), t_theirs)]
-    if args.backward:
-        rows += [
-            ("pool_windows fwd+bwd", result["pool_windows_fwd_bwd"]),
-            ("roi_pool fwd+bwd", result["roi_pool_fwd_bwd"]),
-        ]
-    for name, t in rows:
-        print(f"{name:<28}{t['median_ms']:>12.1f}{t['min_ms']:>12.1f}")
-    agree = result["agreement"]
-    print(f"ratio roi_pool / pool_windows: {result['ratio_roi_pool_over_pool_windows']:.2f}x")
-    print(
-        f"agreement: {agree['windows_with_same_bins']}/{args.windows} windows have the same bins "
-        f"in both; {agree['of_those_outputs_equal']} of them give equal outputs; "
-        f"{agree['windows_outputs_equal']} equal overall (max |diff| {agree['max_abs_diff']:.3g})"
-    )
+    _print_summary(result, args)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))

@@ -3,9 +3,13 @@
 same images, proposals and backbone; writes DIR/speed.json, speed.md and speed.png.
 
     python tools/speed_report.py --voc-root ROOT --year 2007 --split test --num-images N \
-        --backbone zf5 --proposals 2000 [--model M] [--rcnn-model M2] [--device cpu|cuda] \
+        --backbone zf5 [--proposals 2000] [--model M] [--rcnn-model M2] [--device cpu|cuda] \
         [--methods spp-1scale spp-1scale-svd spp-5scale rcnn] [--warmup 1] \
         [--rcnn-max-windows K] --output DIR [KEY=VALUE ...]
+
+Every method gets the same windows, made with one ``ProposalSettings``: the model's (how it was
+trained) unless ``--proposals`` or a ``proposals.KEY=VALUE`` override is given. Without model
+files the heads are untrained: times only, no mAP.
 """
 
 from __future__ import annotations

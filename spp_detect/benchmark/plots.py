@@ -1,6 +1,6 @@
 """The speed report's table (markdown, next to the papers' figures) and its stacked bar chart.
 
-Input is the report ``engine.benchmark.run_speed_report`` returns (the content of
+Input is the report ``benchmark.speed_report.run_speed_report`` returns (the content of
 ``speed.json``). Plots use matplotlib's Agg canvas directly (no pyplot, no global backend).
 """
 
@@ -85,40 +85,40 @@ def _mark(m: Mapping[str, Any]) -> str:
     return " *" if m.get("extrapolated") else ""
 
 
-def format_speed_markdown(report: Mapping[str, Any]) -> str:
-    """The report as markdown: measured per-stage medians, speed-ups and mAP, each method's
-    time shares, then the papers' tables for comparison."""
-    methods = report["methods"]
+def _header(report: Mapping[str, Any]) -> List[str]:
+    """The machine, the data and the protocol, in prose."""
     settings, machine = report.get("settings", {}), report.get("machine", {})
-    speedup = report.get("speedup", {})
-    stages = _stages(methods)
-    lines = ["# SPP-net vs R-CNN: test time per image", ""]
+    proposals = settings.get("proposals", {})
     gpu = machine.get("gpu") or "none"
-    lines.append(
+    windows = proposals.get("windows_per_image", [])
+    lines = [
+        "# SPP-net vs R-CNN: test time per image",
+        "",
         f"Machine: {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} cores, "
         f"{machine.get('torch_threads', '?')} torch threads), GPU: {gpu}, "
-        f"torch {machine.get('torch', '?')}; device `{settings.get('device', '?')}`."
-    )
-    windows = settings.get("proposals", {}).get("windows_per_image", [])
-    lines.append(
+        f"torch {machine.get('torch', '?')}; device `{settings.get('device', '?')}`.",
         f"{settings.get('num_images', '?')} images of VOC{settings.get('year', '?')} "
         f"{settings.get('split', '?')}; backbone {settings.get('backbone', '?')} "
         f"({settings.get('backbone_weights', '?')} weights); selective search "
-        f"{settings.get('proposals', {}).get('mode', '?')}, at most "
-        f"{settings.get('proposals', {}).get('max_proposals', '?')} windows "
+        f"{proposals.get('mode', '?')}, at most {proposals.get('max_proposals', '?')} windows "
         f"(got {', '.join(map(str, windows)) or '?'} per image); warm-up "
-        f"{settings.get('warmup', '?')} pass(es) per method, methods interleaved per image."
-    )
+        f"{settings.get('warmup', '?')} pass(es) per method, methods interleaved per image.",
+    ]
     load = (settings.get("load_average_before"), settings.get("load_average_after"))
     if load[0] is not None:
         lines.append(
             f"Load average before / after: {load[0]} / {load[1]} (a shared machine makes "
             "the times noisy)."
         )
-    lines += ["", "## Measured: median seconds per image", ""]
+    return lines
+
+
+def _measured_table(methods: Mapping[str, Any], speedup: Mapping[str, float]) -> List[str]:
+    """One row per method: stage medians, totals, R-CNN's time over the method's, mAP."""
+    stages = _stages(methods)
     head = ["method", *stages, "total (no proposals)", "total + proposals",
             "R-CNN / method", "mAP (%)"]  # fmt: skip
-    lines.append("| " + " | ".join(head) + " |")
+    lines = ["| " + " | ".join(head) + " |"]
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     for name, m in methods.items():
         row = [name + _mark(m)]
@@ -129,6 +129,11 @@ def format_speed_markdown(report: Mapping[str, Any]) -> str:
         )
         row.append(_fmt_map(m))
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _notes(methods: Mapping[str, Any]) -> List[str]:
+    """Footnotes: extrapolated stages and unmeasured accuracy."""
     notes = []
     for name, m in methods.items():
         if m.get("extrapolated"):
@@ -140,13 +145,12 @@ def format_speed_markdown(report: Mapping[str, Any]) -> str:
             )
         if m.get("mAP_note"):
             notes.append(f"{name}: mAP {m['mAP_note']}.")
-    if notes:
-        lines += [""] + notes
-    lines += [
-        "",
-        "Where the time goes (share of the summed stage medians, proposals excluded):",
-        "",
-    ]
+    return [""] + notes if notes else []
+
+
+def _shares(methods: Mapping[str, Any]) -> List[str]:
+    """Each method's stages as shares of its summed stage medians (proposals excluded)."""
+    lines = ["", "Where the time goes (share of the summed stage medians, proposals excluded):", ""]
     for name, m in methods.items():
         parts = sorted(
             ((s, v) for s, v in m["stages"].items() if s != "proposals"), key=lambda t: -t[1]
@@ -154,7 +158,11 @@ def format_speed_markdown(report: Mapping[str, Any]) -> str:
         total = sum(v for _, v in parts) or 1.0
         share = ", ".join(f"{s} {100 * v / total:.0f}%" for s, v in parts if v / total >= 0.01)
         lines.append(f"- {name}: {share}")
-    lines += [
+    return lines
+
+
+def _paper_tables() -> List[str]:
+    lines = [
         "",
         "## The papers (GPU)",
         "",
@@ -179,6 +187,17 @@ def format_speed_markdown(report: Mapping[str, Any]) -> str:
     base = PAPER_FAST_RCNN_TABLE[0]["time"]
     for r in PAPER_FAST_RCNN_TABLE:
         lines.append(f"| {r['method']} | {r['time']} | {base / r['time']:.0f}x | {r['mAP']} |")
+    return lines
+
+
+def format_speed_markdown(report: Mapping[str, Any]) -> str:
+    """The report as markdown: measured per-stage medians, speed-ups and mAP, each method's
+    time shares, then the papers' tables for comparison."""
+    methods, speedup = report["methods"], report.get("speedup", {})
+    lines = _header(report)
+    lines += ["", "## Measured: median seconds per image", ""]
+    lines += _measured_table(methods, speedup)
+    lines += _notes(methods) + _shares(methods) + _paper_tables()
     return "\n".join(lines) + "\n"
 
 

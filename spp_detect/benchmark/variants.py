@@ -1,0 +1,244 @@
+"""The detectors the speed report compares: SPP-net at one scale, at one scale with truncated-SVD
+fc layers, at five scales, and the R-CNN baseline, all on the same backbone weights.
+
+Each SPP-net variant is a configured copy of one detector (``with_settings``): the copies share
+the backbone, fc and SVM weights, and the detector they come from is never changed. Without a
+trained model the detectors get untrained heads (``attach_untrained_heads``): timing only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from spp_detect.config import DetectorConfig
+from spp_detect.modeling.backbones import Backbone, build_backbone
+from spp_detect.modeling.base import WindowDetector
+from spp_detect.modeling.box_regression import BoxRegressor
+from spp_detect.modeling.rcnn import RCNNDetector
+from spp_detect.modeling.spp_net import SPPDetector
+from spp_detect.modeling.svm import LinearSVMs
+
+__all__ = [
+    "METHODS",
+    "SVD_FRACTIONS",
+    "PAPER_SINGLE_SCALE",
+    "PAPER_FIVE_SCALES",
+    "attach_untrained_heads",
+    "spp_variant",
+    "build_method_detectors",
+]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn")
+# Fast R-CNN (sec. 3.1) keeps 1024 of fc6's and 256 of fc7's 4096 values: 1/4 and 1/16 of the
+# width, so a narrower head gets ranks in the same proportion.
+SVD_FRACTIONS = (4, 16)
+# SPP-net sec. 4.1: one scale s = 688; five scales {480, 576, 688, 864, 1200}.
+PAPER_SINGLE_SCALE = (688,)
+PAPER_FIVE_SCALES = (480, 576, 688, 864, 1200)
+# Untrained SVMs: weights small against fc7's scale and a negative bias, so that few windows
+# pass the score threshold and NMS costs what it would after training.
+_UNTRAINED_SVM_STD = 0.01
+_UNTRAINED_SVM_BIAS = -1.0
+# Untrained box regressor: tiny deltas keep the regressed boxes on their windows.
+_UNTRAINED_BBOX_STD = 1e-4
+
+WeightsArg = Union[str, bool, os.PathLike]
+
+
+@torch.no_grad()
+def attach_untrained_heads(detector: WindowDetector, seed: int = 0) -> WindowDetector:
+    """Untrained heads: timing only, no mAP. Sets random SVMs and a random box regressor of the
+    trained shapes on ``detector`` (which must be freshly built for the report) and returns it.
+
+    The SVMs score fc7 (weight ``[K, hidden]``), the regressor reads the pooled features
+    (``[K, pooled_dim + 1, 4]``), so the classify and bbox_reg stages do the work trained ones
+    would; the detections mean nothing.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    k, hidden, dim = detector.num_classes, detector.head.hidden, detector.pooled_dim
+    svms = LinearSVMs(k)
+    svms.reset_weights(hidden)
+    svms.weight = torch.randn(k, hidden, generator=gen) * _UNTRAINED_SVM_STD
+    svms.bias = torch.full((k,), _UNTRAINED_SVM_BIAS)
+    svms.trained = torch.ones(k, dtype=torch.bool)
+    svms.set_feature_scale(1.0)
+    reg = BoxRegressor(k)
+    reg.weight = torch.randn(k, dim + 1, 4, generator=gen) * _UNTRAINED_BBOX_STD
+    reg.trained = torch.ones(k, dtype=torch.bool)
+    detector.svms = svms.to(detector.device)
+    detector.bbox_regressor = reg.to(detector.device)
+    return detector
+
+
+def spp_variant(
+    detector: SPPDetector,
+    method: str,
+    single_scale: Sequence[int] = PAPER_SINGLE_SCALE,
+    five_scales: Sequence[int] = PAPER_FIVE_SCALES,
+) -> SPPDetector:
+    """A configured copy of ``detector`` for one ``spp-*`` method (``detector`` is unchanged).
+
+    ``spp-1scale``: ``single_scale``; ``spp-5scale``: ``five_scales``; ``spp-1scale-svd``:
+    ``single_scale`` with fc6/fc7 compressed by truncated SVD at ranks ``hidden // 4`` and
+    ``hidden // 16`` (Fast R-CNN's 1024 and 256 for a 4096-wide head).
+    """
+    if method == "spp-1scale":
+        return detector.with_settings(scales=single_scale)
+    if method == "spp-5scale":
+        return detector.with_settings(scales=five_scales)
+    if method == "spp-1scale-svd":
+        h = detector.head.hidden
+        return detector.with_settings(
+            scales=single_scale,
+            svd_fc6=max(1, h // SVD_FRACTIONS[0]),
+            svd_fc7=max(1, h // SVD_FRACTIONS[1]),
+        )
+    raise ValueError(f"not an SPP-net method: {method!r}")
+
+
+def _fresh_backbone(config: DetectorConfig, weights: WeightsArg) -> Tuple[Backbone, str]:
+    """The backbone with ``weights`` ("auto": ImageNet if available, else random) and a name
+    of the weights used."""
+    name, kwargs = config.model.backbone, dict(config.model.backbone_kwargs)
+    if weights == "auto":
+        try:
+            return build_backbone(name, pretrained=True, **kwargs), "imagenet"
+        except ValueError as exc:
+            logger.warning("%s: no pretrained weights (%s); using random weights", name, exc)
+            return build_backbone(name, pretrained=False, **kwargs), "random"
+    if weights in (False, "none", "random"):
+        return build_backbone(name, pretrained=False, **kwargs), "random"
+    if weights in (True, "imagenet"):
+        return build_backbone(name, pretrained=True, **kwargs), "imagenet"
+    return build_backbone(name, pretrained=str(weights), **kwargs), str(weights)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa
+    )
+
+
+def _check_models(model: Optional[WindowDetector], rcnn_model: Optional[WindowDetector]) -> None:
+    if model is not None and model.method != "spp":
+        raise ValueError(f"--model: an SPP-net model is needed, got a {model.method!r} model")
+    if rcnn_model is not None and rcnn_model.method != "rcnn":
+        raise ValueError(f"--rcnn-model: an R-CNN model is needed, got {rcnn_model.method!r}")
+    for flag, m in (("--model", model), ("--rcnn-model", rcnn_model)):
+        if m is not None and m.training:
+            raise ValueError(f"{flag}: the detector is in training mode; time it in eval mode")
+    if model is not None and rcnn_model is not None:
+        if list(model.class_names) != list(rcnn_model.class_names):
+            raise ValueError("the SPP-net and R-CNN models have different class lists")
+
+
+def _origin(heads: str, backbone_weights: str, shared: bool) -> Dict[str, Any]:
+    """Where a method's weights come from (``heads``: "model" or "untrained")."""
+    return {"heads": heads, "backbone_weights": backbone_weights, "backbone_shared": shared}
+
+
+def _rcnn_method(
+    backbone: Backbone,
+    source: str,
+    class_names: Sequence[str],
+    config: DetectorConfig,
+    device: torch.device,
+    model: Optional[WindowDetector],
+    rcnn_model: Optional[WindowDetector],
+    seed: int,
+) -> Tuple[WindowDetector, Dict[str, Any]]:
+    """The R-CNN detector (the model file's, else untrained heads on ``backbone``) and where
+    its weights come from."""
+    if rcnn_model is None:
+        cfg = model.config if model is not None else config
+        fresh = RCNNDetector(backbone, class_names, cfg).to(device).eval()
+        return attach_untrained_heads(fresh, seed), _origin("untrained", source, True)
+    # Each model keeps its own conv weights, so that its accuracy is its own; the times stay
+    # comparable (same architecture, same work).
+    shared = model is None or _same_weights(model.backbone, rcnn_model.backbone)
+    if not shared:
+        logger.warning("the SPP-net and R-CNN models have different backbone weights")
+    return rcnn_model, _origin("model", source if shared else "rcnn-model", shared)
+
+
+def describe_method(method: str, detector: WindowDetector) -> Dict[str, Any]:
+    """What the report says about a method's network: widths, SVD ranks, scales or warp."""
+    test, model = detector.config.test, detector.config.model
+    info: Dict[str, Any] = {"pooled_dim": detector.pooled_dim, "hidden": detector.head.hidden}
+    if test.svd_fc6 or test.svd_fc7:
+        info["svd_ranks"] = [test.svd_fc6, test.svd_fc7]
+    if method.startswith("spp"):
+        info["scales"] = list(model.scales)
+        info["levels"] = list(model.levels)
+    else:
+        info["warp_size"] = detector.warp_size
+        info["context_pad"] = model.context_pad
+        info["crop_batch"] = detector.crop_batch
+    return info
+
+
+def build_method_detectors(
+    methods: Sequence[str],
+    class_names: Sequence[str],
+    config: DetectorConfig,
+    device: torch.device,
+    model: Optional[WindowDetector] = None,
+    rcnn_model: Optional[WindowDetector] = None,
+    weights: WeightsArg = "auto",
+    single_scale: Sequence[int] = PAPER_SINGLE_SCALE,
+    five_scales: Sequence[int] = PAPER_FIVE_SCALES,
+    seed: int = 0,
+) -> Tuple[Dict[str, WindowDetector], Dict[str, Dict[str, Any]]]:
+    """One detector per method, in eval mode on ``device``, on one backbone's weights.
+
+    Args:
+        methods: names from ``METHODS``.
+        class_names: K classes (a model's own list when a model is given).
+        config: the configuration of fresh detectors (where no model is given).
+        model: a trained SPP-net detector in eval mode on ``device`` (``load_detector``); the
+            ``spp-*`` methods are configured copies of it, and it is left unchanged.
+        rcnn_model: a trained R-CNN detector (eval mode, on ``device``); without it R-CNN gets
+            untrained heads on the SPP model's backbone module (or on a fresh backbone).
+        weights: backbone weights of fresh detectors ("auto", "imagenet", "none" or a file).
+        seed: seed of the untrained heads.
+    Returns:
+        ``{method: detector}`` in the order of ``methods`` and, per method, ``heads``
+        ("model" or "untrained"), ``backbone_weights``, ``backbone_shared`` (False where the
+        two model files' conv weights differ) and ``describe_method``'s fields.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)}")
+    _check_models(model, rcnn_model)
+    if model is not None:
+        backbone, source = model.backbone, "model"
+    elif rcnn_model is not None:
+        backbone, source = rcnn_model.backbone, "rcnn-model"
+    else:
+        backbone, source = _fresh_backbone(config, weights)
+    spp_methods = [m for m in methods if m.startswith("spp")]
+    out: Dict[str, WindowDetector] = {}
+    info: Dict[str, Dict[str, Any]] = {}
+    if spp_methods:
+        base = model
+        if base is None:
+            fresh = SPPDetector(backbone, class_names, config).to(device).eval()
+            base = attach_untrained_heads(fresh, seed)
+        for m in spp_methods:
+            out[m] = spp_variant(base, m, single_scale, five_scales)
+            info[m] = _origin("model" if model is not None else "untrained", source, True)
+    if "rcnn" in methods:
+        out["rcnn"], info["rcnn"] = _rcnn_method(
+            backbone, source, class_names, config, device, model, rcnn_model, seed
+        )
+    for m, det in out.items():
+        info[m].update(describe_method(m, det))
+    return {m: out[m] for m in methods}, {m: info[m] for m in methods}
