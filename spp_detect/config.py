@@ -17,11 +17,14 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import yaml
 
+from .errors import UserInputError
 from .proposals.settings import ProposalSettings
 
 __all__ = [
     "ModelConfig",
     "ProposalSettings",
+    "DataConfig",
+    "DistillConfig",
     "FinetuneConfig",
     "SVMConfig",
     "BBoxRegConfig",
@@ -48,12 +51,57 @@ class ModelConfig:
     max_size: int = 2000
     # Each window uses the scale at which its area is closest to target_size^2 (sec. 4.1: 224).
     target_size: int = 224
+    # How a window picks its scale at test time: "area" (the paper's text: resized area closest
+    # to target_size^2) or "code" (the SPP_net code's spm_expected_scale.m: the scale nearest to
+    # cells * stride * min(H, W) / sqrt(window area), cells = conv5 size of a target_size input:
+    # 13 * 16 = 208 for ZF-5). They differ for about 13% of windows; see docs/ablation.md.
+    scale_rule: str = "area"
+    # Each window edge moves this many pixels (of the resized image) inward before it is
+    # rounded to the nearest conv5 cell centre (the SPP_net code's ``offset``: 6.5 px for ZF-5,
+    # stride 16). None: 6.5 / 16 of the backbone's stride (the released value, in cells);
+    # 0: the paper's appendix A rule without the inward move.
+    inward_offset: Optional[float] = None
     # fc6 / fc7 width (ZF-5: 4096).
     hidden: int = 4096
     # Dropout after fc6 and fc7 during fine-tuning (ZF-5 / AlexNet: 0.5).
     dropout: float = 0.5
     # R-CNN baseline: context padding around each window before warping (R-CNN: 16 pixels).
     context_pad: int = 16
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # Where fc6/fc7 start before fine-tuning. The paper fine-tunes fc layers trained on ImageNet
+    # with the same pyramid; none exist for these backbones, so:
+    #   "random":   He init (the first version of this project);
+    #   "distill":  fc6, fc7 and a projection are trained to reproduce, from each window's
+    #               pooled conv5, the backbone's whole ImageNet network's embedding of the same
+    #               window cropped and warped (the R-CNN path is the teacher), as ViLD (Gu et al.
+    #               2021) distils a per-crop teacher into region features; needs a backbone with
+    #               an ImageNet classifier and its weights (efficientnet_lite0, vgg16, alexnet);
+    #   "imagenet": torchvision's own fc6/fc7 (vgg16, alexnet): the finest pyramid level equals
+    #               the pretrained pool size (7 / 6), the other levels' fc6 columns start at zero;
+    #   "auto":     "distill" where the backbone has ImageNet weights and a classifier, else
+    #               "random". docs/ablation.md has the measurements behind the default.
+    fc_init: str = "auto"
+    # Proposal windows per training image whose teacher embedding is computed (no labels used).
+    windows_per_image: int = 64
+    # AdamW steps on mini-batches of batch_size windows.
+    iterations: int = 1500
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Difficult objects stay training positives and regression targets (R-CNN and SPP_net keep
+    # them); False: py-faster-rcnn's exclusion.
+    use_difficult: bool = True
+    # Fine-tune on the training images plus their horizontal mirrors (the SPP_net code's
+    # trainval + flipped set); the mirrored conv5 maps are cached like the others.
+    flip: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,8 +127,10 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     # New fc8 ((K+1)-way) initialised from a zero-mean Gaussian with std 0.01 (sec. 4.1).
     init_std: float = 0.01
-    # Images whose windows feed one mini-batch (windows are drawn from several images).
-    images_per_batch: int = 8
+    # Mini-batches are drawn uniformly from a pool of windows spanning the whole training set;
+    # the pool holds this many mini-batches' worth of windows and is refilled when used up (the
+    # SPP_net code fills its pool with 10x the windows it needs).
+    pool_batches: int = 10
     # Training picks a random scale per window (the SPP_net code); False: the test-time rule.
     random_scale: bool = True
     # Skip fine-tuning entirely (use the fc layers as initialised; for ablations).
@@ -104,16 +154,19 @@ class SVMConfig:
     # Hard negative mining: enter the cache above -1.0001, leave it below -1.2.
     hard_thresh: float = -1.0001
     easy_thresh: float = -1.2
-    # Retrain every 2,000 images (R-CNN); scaled down automatically for small datasets.
-    retrain_every: int = 2000
+    # Retrain a class once more than this many new negatives have joined its cache since its
+    # last training, and once at the end (R-CNN rcnn_train.m and SPP_net spp_train.m:
+    # cache.retrain_limit = 2000, hit_retrain_limit = num_added > retrain_limit).
+    retrain_limit: int = 2000
 
 
 @dataclass(frozen=True)
 class BBoxRegConfig:
     enabled: bool = True
-    # Ridge lambda: 4000 in the SPP_net code (R-CNN: 1000).
+    # Ridge lambda: 4000 in the SPP_net code (R-CNN's rcnn_train_bbox_regressor.m: 1000).
     lambda_: float = 4000.0
     # Training windows overlap a ground truth by more than 0.5 (SPP_net code; R-CNN: 0.6).
+    # R-CNN's settings as an option: bbox_reg.iou_thresh=0.6 bbox_reg.lambda_=1000.
     iou_thresh: float = 0.5
 
 
@@ -126,9 +179,11 @@ class TestConfig:
     # Detections scoring below this are dropped before NMS. The SVM margin is unbounded, so
     # a low value keeps the recall that VOC AP rewards (R-CNN evaluates with no threshold).
     score_thresh: float = -1.0
-    # Keep at most this many detections per image after NMS (R-CNN's test uses 100 per class;
-    # we cap per image).
-    max_per_image: int = 100
+    # Keep at most this many detections per class per image after NMS (R-CNN, SPP_net and Fast
+    # R-CNN: 100).
+    max_per_class: int = 100
+    # And at most this many per image over all classes (0: no cap, as in R-CNN and SPP_net).
+    max_per_image: int = 0
     bbox_reg: bool = True
     # Truncated SVD of fc6 / fc7 at test time (0: off). Fast R-CNN keeps 1024 and 256 singular
     # values of its 4096-wide layers for 30% less time at -0.3 mAP; on a CPU, where the fc layers
@@ -140,6 +195,8 @@ class TestConfig:
 @dataclass(frozen=True)
 class DetectorConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # How proposals are computed, for training, testing and detection alike.
     proposals: ProposalSettings = field(default_factory=ProposalSettings)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -177,42 +234,42 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise UserInputError(f"{key}: expected a list, got {value!r}")
         inner = typing.get_args(tp)[0]
         return tuple(_check_type(v, inner, key) for v in value)
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+            raise UserInputError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true/false, got {value!r}")
+            raise UserInputError(f"{key}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
+            raise UserInputError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
+            raise UserInputError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
+            raise UserInputError(f"{key}: expected a string, got {value!r}")
         return value
     return value
 
 
 def _build(cls: type, data: Dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise UserInputError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"unknown config key {prefix}{unknown[0]!s} (valid: {', '.join(sorted(names))})"
         )
     kwargs = {}
@@ -235,20 +292,20 @@ def apply_overrides(config: DetectorConfig, overrides: Iterable[str]) -> Detecto
     data = config.to_dict()
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not KEY=VALUE")
+            raise UserInputError(f"override {item!r} is not KEY=VALUE")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ValueError(f"unknown config key {key!r}")
+                raise UserInputError(f"unknown config key {key!r}")
             node = node[part]
         if parts[-1] not in node:
-            raise ValueError(f"unknown config key {key!r}")
+            raise UserInputError(f"unknown config key {key!r}")
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ValueError(f"override {item!r}: cannot parse value ({exc})") from None
+            raise UserInputError(f"override {item!r}: cannot parse value ({exc})") from None
     return DetectorConfig.from_dict(data)
 
 
@@ -258,9 +315,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"{path}: config file not found")
+            raise UserInputError(f"{path}: config file not found")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise UserInputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return apply_overrides(DetectorConfig.from_dict(data), overrides)

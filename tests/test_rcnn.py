@@ -174,10 +174,12 @@ def test_warp_windows_outside_is_zero():
 # pooled features
 
 
-def test_pooled_dim_is_channels_times_36():
+def test_pooled_dim_is_channels_times_the_spp_pyramid():
+    # SPP-net Table 10: R-CNN's warped windows are pooled with SPP-net's own pyramid, so the two
+    # share one head shape: (6x6 + 3x3 + 2x2 + 1x1) x C.
     det = tiny_rcnn(channels=8)
-    assert det.pooled_dim == 8 * 36
-    assert det.head.in_features == 8 * 36
+    assert det.pooled_dim == 8 * (36 + 9 + 4 + 1)
+    assert det.head.in_features == 8 * 50
     assert det.warp_size == 224
 
 
@@ -198,12 +200,12 @@ def test_compute_pooled_dedups_identical_windows():
     assert sum(rows) == 3
     assert pooled.shape == (3, det.pooled_dim)
     assert inverse.tolist() == [0, 1, 0, 2, 1, 0]
-    # Independent reference per window: pad, warp, conv, then one 6 x 6 adaptive max pool
-    # (bins floor(i*a/6) .. ceil((i+1)*a/6) - 1, as SPP).
+    # Independent reference per window: pad, warp, conv, then adaptive max pools of 6, 3, 2, 1
+    # (bins floor(i*a/n) .. ceil((i+1)*a/n) - 1, as SPP), each (C, n, n), concatenated.
     for k, win in enumerate([a, b, c]):
         padded = context_windows(torch.tensor([win]), 16, 224)
         conv = det.backbone(warp_windows(image, padded, 224))
-        ref = F.adaptive_max_pool2d(conv, 6).flatten(1)[0]
+        ref = torch.cat([F.adaptive_max_pool2d(conv, n).flatten(1)[0] for n in (6, 3, 2, 1)])
         torch.testing.assert_close(pooled[k], ref, rtol=1e-5, atol=1e-5)
 
 

@@ -20,22 +20,39 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from ..config import DetectorConfig, TestConfig
 from ..serialization import save_file
-from ..structures import Detections, batched_nms, clip_boxes
+from ..structures import Detections
 from ..utils import StageTimer, null_timer
-from .box_regression import BoxRegressor, apply_deltas
+from .box_regression import BoxRegressor
 from .head import FCHead
 from .svm import LinearSVMs
 
-__all__ = ["WindowDetector", "MODEL_FORMAT"]
+__all__ = ["WindowDetector", "MODEL_FORMAT", "rank_within_group"]
 
 logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = "spp_detect-model/1"
 
 ImageLike = Union[np.ndarray, Tensor]
+
+
+def rank_within_group(groups: Tensor) -> Tensor:
+    """LongTensor[N]: position of each element among the earlier elements of its group
+    (0 for the first of each group), e.g. ``[1, 0, 1, 1] -> [0, 0, 1, 2]``."""
+    if groups.numel() == 0:
+        return groups.new_zeros(0)
+    order = torch.sort(groups, stable=True).indices
+    sorted_groups = groups[order]
+    idx = torch.arange(groups.numel(), device=groups.device)
+    starts = torch.ones_like(sorted_groups, dtype=torch.bool)
+    starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=0).values
+    ranks = torch.empty_like(idx)
+    ranks[order] = idx - first
+    return ranks
 
 
 class WindowDetector(nn.Module):
@@ -204,7 +221,7 @@ class WindowDetector(nn.Module):
             )
         h, w = int(image.shape[0]), int(image.shape[1])
         windows = torch.as_tensor(np.asarray(proposals), dtype=torch.float32).reshape(-1, 4)
-        windows = clip_boxes(windows, (h, w)).to(self.device)
+        windows = clip_boxes_to_image(windows, (h, w)).to(self.device)
         keep = (windows[:, 2] > windows[:, 0]) & (windows[:, 3] > windows[:, 1])
         windows = windows[keep]
         if windows.shape[0] == 0:
@@ -220,26 +237,33 @@ class WindowDetector(nn.Module):
             boxes = windows[:, None, :].expand(-1, self.num_classes, 4)
             if self.config.test.bbox_reg and self.bbox_regressor is not None:
                 deltas = self.bbox_regressor.predict_deltas(pooled)[inverse]  # [R, K, 4]
-                boxes = apply_deltas(deltas.reshape(-1, 4), boxes.reshape(-1, 4))
-                boxes = clip_boxes(boxes, (h, w)).reshape(-1, self.num_classes, 4)
+                coder = self.bbox_regressor.box_coder
+                boxes = coder.apply_deltas(deltas.reshape(-1, 4), boxes.reshape(-1, 4))
+                boxes = clip_boxes_to_image(boxes, (h, w)).reshape(-1, self.num_classes, 4)
         with timer("nms"):
             dets = self.postprocess(boxes, scores, (h, w))
         return dets.to("cpu")
 
     def postprocess(self, boxes: Tensor, scores: Tensor, image_size: Tuple[int, int]) -> Detections:
-        """Threshold, per-class NMS and the per-image cap.
+        """Threshold, per-class NMS, then the per-class and per-image caps.
 
         Args:
             boxes (Tensor[R, K, 4]): class-specific boxes in image pixels.
             scores (Tensor[R, K]): class scores.
+        Returns:
+            Detections sorted by decreasing score.
         """
         cfg = self.config.test
         num_classes = scores.shape[1]
         labels = torch.arange(num_classes, device=scores.device).expand_as(scores)
         mask = scores > cfg.score_thresh
         boxes, scores, labels = boxes[mask], scores[mask], labels[mask]
-        keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)
-        keep = keep[: cfg.max_per_image] if cfg.max_per_image > 0 else keep
+        keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)  # by decreasing score
+        if cfg.max_per_class > 0 and keep.numel():
+            # R-CNN / SPP_net / Fast R-CNN keep the top 100 of each class in each image.
+            keep = keep[rank_within_group(labels[keep]) < cfg.max_per_class]
+        if cfg.max_per_image > 0:
+            keep = keep[: cfg.max_per_image]
         return Detections(boxes[keep].float(), scores[keep].float(), labels[keep], image_size)
 
     # -- saving ------------------------------------------------------------------------------

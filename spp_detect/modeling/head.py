@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FCHead", "truncated_svd_linear"]
+__all__ = ["FCHead", "truncated_svd_linear", "load_imagenet_fc"]
 
 
 def truncated_svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
@@ -119,3 +119,36 @@ class FCHead(nn.Module):
         """``forward`` without dropout whatever the module's mode (test time)."""
         fc7 = self.fc7_features(pooled, dropout=False)
         return fc7, self.cls_score(fc7)
+
+
+@torch.no_grad()
+def load_imagenet_fc(
+    head: FCHead, fc6: nn.Linear, fc7: nn.Linear, levels: Tuple[int, ...], channels: int
+) -> None:
+    """Start fc6/fc7 from an ImageNet network's own fc6/fc7 (torchvision VGG-16 / AlexNet).
+
+    The pretrained fc6 reads pool5: ``channels x n x n`` (n = 7 for VGG-16, 6 for AlexNet). With
+    the pyramid's finest level equal to that grid (``levels[0] == n``), its block of the pooled
+    vector has pool5's layout (C, n, n), so fc6's columns for that block are the pretrained ones
+    and the other levels' columns start at zero: at initialisation the head computes exactly the
+    pretrained fc6/fc7 on each window's n x n pooling (for a whole 224 x 224 image, VGG-16's
+    conv5_3 is 14 x 14 and the 7 x 7 bins are its 2 x 2 max pool; AlexNet's 6 x 6 bins on 13 x 13
+    are its 3 x 3 / stride-2 pool). ``input_scale`` is reset to 1.
+
+    Raises:
+        ValueError: the pyramid or width does not match the pretrained layers.
+    """
+    n = int(levels[0])
+    if fc6.in_features != channels * n * n:
+        raise ValueError(
+            f"pretrained fc6 reads {fc6.in_features} values, the finest level gives "
+            f"{channels} x {n} x {n}: set model.levels to start with the pretrained pool size"
+        )
+    if (fc6.out_features, fc7.in_features, fc7.out_features) != (head.hidden,) * 3:
+        raise ValueError(f"pretrained fc6/fc7 are {fc6.out_features} wide; set model.hidden")
+    head.fc6.weight.zero_()
+    head.fc6.weight[:, : fc6.in_features].copy_(fc6.weight)
+    head.fc6.bias.copy_(fc6.bias)
+    head.fc7.weight.copy_(fc7.weight)
+    head.fc7.bias.copy_(fc7.bias)
+    head.input_scale.fill_(1.0)

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["scale_factor", "scale_factors", "resize_image", "choose_scales", "random_scales"]
+__all__ = [
+    "SCALE_RULES",
+    "scale_factor",
+    "scale_factors",
+    "resize_image",
+    "choose_scales",
+    "random_scales",
+]
 
 
 def scale_factor(image_hw: Tuple[int, int], scale: int, max_size: int = 2000) -> float:
@@ -53,16 +60,34 @@ def resize_image(image: Tensor, factor: float) -> Tensor:
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def choose_scales(windows: Tensor, factors: Sequence[float], target_size: int = 224) -> Tensor:
-    """The scale whose resized window area is closest to ``target_size ** 2`` (sec. 4.1).
+SCALE_RULES = ("area", "code")
 
-    "We use the scale where the scaled candidate window has a number of pixels closest to
-    224 x 224" -- SPP-net, sec. 4.1 (multi-scale feature extraction).
+
+def choose_scales(
+    windows: Tensor,
+    factors: Sequence[float],
+    target_size: int = 224,
+    rule: str = "area",
+    code_target: float = 208.0,
+) -> Tensor:
+    """One pyramid level per window (sec. 4.1).
+
+    ``rule="area"`` (the paper's text): "We use the scale where the scaled candidate window has
+    a number of pixels closest to 224 x 224", i.e. ``argmin_k |area * f_k^2 - target_size^2|``.
+
+    ``rule="code"`` (the SPP_net code, ``spm_expected_scale.m``): the expected shorter side is
+    ``round(sz_conv_standard * step_standard * min(H, W) / sqrt(area))`` (ZF-5: 13 * 16 = 208)
+    and the level whose shorter side is nearest to it wins. With ``s_k = f_k * min(H, W)`` this is
+    ``argmin_k |f_k - code_target / sqrt(area)|``: the window's resized side ``sqrt(area) * f_k``
+    closest to ``code_target`` on a linear scale of the factor (the paper's rule compares
+    areas, so the two differ when a window falls between two levels).
 
     Args:
         windows (Tensor[R, 4]): xyxy in pixels of the original image.
         factors: resize factor of each pyramid level, in pyramid order.
-        target_size: side of the target area (224).
+        target_size: side of the target area (224), for ``rule="area"``.
+        rule: "area" or "code".
+        code_target: ``sz_conv_standard * step_standard`` in pixels, for ``rule="code"``.
     Returns:
         LongTensor[R]: index into ``factors`` for each window (ties go to the first).
     """
@@ -70,10 +95,16 @@ def choose_scales(windows: Tensor, factors: Sequence[float], target_size: int = 
         raise ValueError(f"windows must be Tensor[R, 4], got {tuple(windows.shape)}")
     if len(factors) == 0:
         raise ValueError("at least one scale is needed")
+    if rule not in SCALE_RULES:
+        raise ValueError(f"scale rule must be one of {SCALE_RULES}, got {rule!r}")
     wh = (windows[:, 2:] - windows[:, :2]).double().clamp(min=0)
     area = wh[:, 0] * wh[:, 1]
     f = torch.as_tensor(list(factors), dtype=torch.float64, device=windows.device)
-    dist = (area[:, None] * f[None, :] ** 2 - float(target_size) ** 2).abs()
+    if rule == "area":
+        dist = (area[:, None] * f[None, :] ** 2 - float(target_size) ** 2).abs()
+    else:
+        expected = float(code_target) / area.clamp(min=1e-12).sqrt()
+        dist = (f[None, :] - expected[:, None]).abs()
     return dist.argmin(dim=1)
 
 

@@ -1,9 +1,11 @@
 """The per-region R-CNN baseline (Girshick et al. 2014) with the same backbone and heads.
 
 Every window is cropped with 16 pixels of context padding, warped to the backbone's input size
-and run through the whole backbone on its own; its conv output is max-pooled to one fixed grid
-(R-CNN's pool5: a single 6 x 6 level) and goes through the same fc6/fc7 head, SVMs, box
-regression and NMS as SPP-net. The only difference from ``SPPDetector`` is ``compute_pooled``.
+and run through the whole backbone on its own; its conv5 is pooled with the same pyramid as
+SPP-net's windows (``model.levels``, 6x6, 3x3, 2x2, 1x1), so both methods share one head shape:
+the paper's same-model comparison (SPP-net Table 10, "R-CNN" with the SPP model's layers). It then
+goes through the same fc6/fc7 head, SVMs, box regression and NMS. The only difference from
+``SPPDetector`` is ``compute_pooled``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ from .base import WindowDetector
 from .spp import SpatialPyramidPooling
 
 __all__ = ["RCNNDetector", "context_windows", "warp_windows"]
-
-# R-CNN's pool5 after AlexNet's conv5 is one 6 x 6 grid.
-RCNN_POOL_LEVELS = (6,)
 
 
 def context_windows(windows: Tensor, context_pad: int, warp_size: int) -> Tensor:
@@ -74,11 +73,11 @@ class RCNNDetector(WindowDetector):
 
     def __init__(self, backbone, class_names, config):
         super().__init__(backbone, class_names, config)
-        self.pool5 = SpatialPyramidPooling(RCNN_POOL_LEVELS)
+        self.pool5 = SpatialPyramidPooling(tuple(config.model.levels))
 
     @property
     def pooled_dim(self) -> int:
-        return int(self.backbone.out_channels) * sum(n * n for n in RCNN_POOL_LEVELS)
+        return int(self.backbone.out_channels) * sum(n * n for n in self.config.model.levels)
 
     @property
     def warp_size(self) -> int:
@@ -91,7 +90,7 @@ class RCNNDetector(WindowDetector):
             image (Tensor[3, H, W]): normalised, on the model's device.
             windows (Tensor[R, 4]): xyxy in image pixels.
         Returns:
-            Tensor[R, C * 36].
+            Tensor[R, C * sum(n * n for n in model.levels)].
         """
         out = image.new_empty(windows.shape[0], self.pooled_dim)
         padded = context_windows(windows, self.config.model.context_pad, self.warp_size)

@@ -14,7 +14,10 @@ from .base import WindowDetector
 from .pyramid import choose_scales, resize_image, scale_factors
 from .window_pool import pool_windows, project_windows
 
-__all__ = ["SPPDetector"]
+__all__ = ["SPPDetector", "ZF5_INWARD_OFFSET"]
+
+# The SPP_net code's inward move of each window edge for ZF-5 (stride 16), in pixels.
+ZF5_INWARD_OFFSET = 6.5
 
 
 class SPPDetector(WindowDetector):
@@ -31,6 +34,21 @@ class SPPDetector(WindowDetector):
     @property
     def pooled_dim(self) -> int:
         return int(self.backbone.out_channels) * sum(n * n for n in self.config.model.levels)
+
+    @property
+    def inward_offset(self) -> float:
+        """Pixels each window edge moves inward before projection (``model.inward_offset``;
+        None: the SPP_net code's 6.5 px for ZF-5's stride 16, as a fraction of the stride)."""
+        d = self.config.model.inward_offset
+        return ZF5_INWARD_OFFSET * self.backbone.stride / 16.0 if d is None else float(d)
+
+    @property
+    def code_target(self) -> float:
+        """``sz_conv_standard * step_standard`` of the SPP_net code's scale rule: the conv5 size
+        of a ``target_size`` input times the stride (ZF-5: 13 * 16 = 208)."""
+        t = self.config.model.target_size
+        cells = self.backbone.feature_size(t, t)[0]
+        return float(cells * self.backbone.stride)
 
     def scale_factors(self, image_hw: Tuple[int, int]) -> List[float]:
         return scale_factors(image_hw, self.config.model.scales, self.config.model.max_size)
@@ -63,15 +81,18 @@ class SPPDetector(WindowDetector):
             maps: ``Tensor[C, h_s, w_s]`` per scale.
             factors: resize factor per scale (original pixels -> resized pixels).
             windows (Tensor[R, 4]): xyxy in pixels of the original image.
-            scale_idx (LongTensor[R]): the scale of each window; ``None`` picks the one whose
-                resized area is closest to 224^2 (sec. 4.1).
+            scale_idx (LongTensor[R]): the scale of each window; ``None`` applies
+                ``config.model.scale_rule`` (sec. 4.1: resized area closest to 224^2).
         Returns:
             pooled (Tensor[U, C * 50]) for the U distinct (scale, cells) pairs, inverse
             (LongTensor[R]). Windows that fall on the same cells share features, so fc6/fc7
             run once for them.
         """
         if scale_idx is None:
-            scale_idx = choose_scales(windows, factors, self.config.model.target_size)
+            m = self.config.model
+            scale_idx = choose_scales(
+                windows, factors, m.target_size, rule=m.scale_rule, code_target=self.code_target
+            )
         scale_idx = scale_idx.to(windows.device)
         keys = torch.zeros(windows.shape[0], 5, dtype=torch.long, device=windows.device)
         keys[:, 0] = scale_idx
@@ -83,6 +104,7 @@ class SPPDetector(WindowDetector):
                     self.backbone.stride,
                     self.backbone.center_offset,
                     tuple(fmap.shape[-2:]),
+                    inward=self.inward_offset,
                 )
         uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
         if len(maps) == 1:  # one scale: no scatter into a second [U, D] buffer

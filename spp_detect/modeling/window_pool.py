@@ -54,15 +54,24 @@ _CHUNK_BYTES = 4 << 20
 
 
 def project_windows(
-    windows: Tensor, stride: int, center_offset: float, feature_hw: Tuple[int, int]
+    windows: Tensor,
+    stride: int,
+    center_offset: float,
+    feature_hw: Tuple[int, int],
+    inward: float = 0.0,
 ) -> Tensor:
     """Project image windows onto a conv feature map (SPP-net appendix A, the released code's rule).
 
     Cell ``j`` of the map has its receptive-field centre at pixel ``center_offset + stride * j``.
-    Each window edge goes to the nearest cell centre, rounding inward::
+    Each window edge first moves ``inward`` pixels towards the window's inside (the SPP_net
+    code's ``offset``, 6.5 px for ZF-5; 0 in the paper's text), then goes to the nearest cell
+    centre, rounding inward::
 
-        left  = floor((x1 - c) / S + 0.5)
-        right = ceil((x2 - 1 - c) / S - 0.5)        # x2 - 1: the last pixel of [x1, x2)
+        left  = floor((x1 + d - c) / S + 0.5)
+        right = ceil((x2 - 1 - d - c) / S - 0.5)    # x2 - 1: the last pixel of [x1, x2)
+
+    (``spm_pool_caffe_mex.cpp``: ``floor((x0 - offset0 + offset) / S + 0.5)`` and
+    ``ceil((x1 - offset0 - offset) / S - 0.5)`` in MATLAB's 1-based pixels and cells.)
 
     and the same for ``y``. A window smaller than a cell (``left > right``) collapses to the cell
     ``(left + right) // 2`` between its rounded edges; then the range is clamped to the map, so a
@@ -79,6 +88,7 @@ def project_windows(
         center_offset (float): ``c``, pixel of cell 0's receptive-field centre (0 with padding
             ``floor(k/2)`` in every layer; see the backbone's ``center_offset``).
         feature_hw: ``(H, W)`` of the feature map, both ``>= 1``.
+        inward (float): ``d``, pixels each edge moves inward before rounding (>= 0).
     Returns:
         LongTensor[R, 4]: inclusive cell indices ``x1, y1, x2, y2`` on the feature map, with
         ``0 <= x1 <= x2 < W`` and ``0 <= y1 <= y2 < H``; on the windows' device.
@@ -101,10 +111,13 @@ def project_windows(
         raise ValueError("windows contain NaN or infinite coordinates")
 
     c = float(center_offset)
+    d = float(inward)
+    if not d >= 0.0:
+        raise ValueError(f"inward offset must be >= 0 pixels, got {inward}")
     # Appendix A: each edge to the nearest cell centre; floor(u + 0.5) sends a left edge halfway
     # between two centres to the right one, ceil(u - 0.5) a right edge to the left one (inward).
-    lo = torch.floor((w[:, :2] - c) / stride + 0.5)
-    hi = torch.ceil((w[:, 2:] - 1.0 - c) / stride - 0.5)
+    lo = torch.floor((w[:, :2] + d - c) / stride + 0.5)
+    hi = torch.ceil((w[:, 2:] - 1.0 - d - c) / stride - 0.5)
     # A window narrower than a cell rounds to an empty range: keep the middle cell.
     empty = lo > hi
     mid = torch.floor((lo + hi) / 2.0)  # exact: lo + hi is a small integer in float64

@@ -1,12 +1,18 @@
 """Stage 1 of detector training: fine-tune fc6, fc7 and the new (K+1)-way cls_score on pooled
-window features (SPP-net sec. 4.1; the conv layers stay frozen)."""
+window features (SPP-net sec. 4.1; the conv layers stay frozen).
+
+Mini-batches follow the SPP_net code (``spp_finetune_voc.m``): 32 foreground and 96 background
+windows drawn uniformly from the windows of the whole training set. Features are fetched for
+``pool_batches`` mini-batches at once (a pool spanning many images, as the released code fills a
+pool with 10x the windows it needs), so each image's features are read once per refill.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,9 +22,15 @@ from tqdm import tqdm
 
 from spp_detect.config import FinetuneConfig
 from spp_detect.datasets.records import ImageRecord
-from spp_detect.datasets.sampling import label_windows, sample_minibatch
+from spp_detect.datasets.sampling import BACKGROUND, label_windows
 
-__all__ = ["TrainingImage", "make_training_images", "finetune_head", "num_iterations"]
+__all__ = [
+    "TrainingImage",
+    "WindowPool",
+    "make_training_images",
+    "finetune_head",
+    "num_iterations",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +45,9 @@ class TrainingImage:
     Attributes:
         record: the annotation (boxes in original-image pixels).
         windows (Tensor[R, 4]): xyxy in original-image pixels.
-        gt_boxes (Tensor[G, 4]), gt_labels (LongTensor[G]): non-difficult ground truth (the
-            training rule of R-CNN and py-faster-rcnn: difficult objects are left out).
+        gt_boxes (Tensor[G, 4]), gt_labels (LongTensor[G]): the ground truth used for training
+            (difficult objects included unless ``use_difficult=False``, see
+            ``make_training_images``).
         labels (LongTensor[R]): fine-tuning labels, 0 = background, c + 1 = class c, -1 = unused.
     """
 
@@ -46,12 +59,24 @@ class TrainingImage:
 
 
 def make_training_images(
-    records: Sequence[ImageRecord], proposals: Dict[str, np.ndarray], cfg: FinetuneConfig
+    records: Sequence[ImageRecord],
+    proposals: Dict[str, np.ndarray],
+    cfg: FinetuneConfig,
+    use_difficult: bool = True,
 ) -> List[TrainingImage]:
-    """Ground truth + proposals per image, labelled by the fine-tuning IoU rules."""
+    """Ground truth + proposals per image, labelled by the fine-tuning IoU rules.
+
+    Args:
+        records: annotations; ``proposals[record.image_id]`` holds float32 ``[R, 4]`` windows.
+        use_difficult: keep difficult objects as positives and regression targets (R-CNN's
+            ``rcnn_train.m`` and the SPP_net code do); False drops them (py-faster-rcnn), which
+            also makes windows on them background of their own class. Crowd regions
+            (``record.crowd``, COCO ``iscrowd=1``) are never targets.
+    """
     out = []
     for rec in records:
-        keep = ~rec.difficult
+        # COCO crowd regions are never targets (detectron2 / torchvision drop iscrowd boxes).
+        keep = ~rec.crowd if use_difficult else ~rec.crowd & ~rec.difficult
         gt_boxes = torch.from_numpy(rec.boxes[keep]).float()
         gt_labels = torch.from_numpy(rec.labels[keep]).long()
         props = torch.as_tensor(np.asarray(proposals[rec.image_id]), dtype=torch.float32)
@@ -75,37 +100,67 @@ def num_iterations(cfg: FinetuneConfig, num_images: int) -> int:
     return max(1, int(round(cfg.iters_per_image * num_images)))
 
 
-def finetune_head(
-    detector,
-    source,
-    images: Sequence[TrainingImage],
-    cfg: FinetuneConfig,
-) -> List[Dict[str, float]]:
-    """SGD on fc6, fc7 and cls_score with mini-batches of 128 windows, 25% positives.
+class WindowPool:
+    """Mini-batches drawn uniformly from every labelled window of the training set.
 
-    Each mini-batch draws its windows from ``cfg.images_per_batch`` random images (R-CNN and
-    SPP_net sample windows from many images at once, which keeps a batch diverse).
+    Each mini-batch has ``n_fg = round(fg_fraction * batch_size)`` foreground windows (fewer
+    when the training set has fewer) and ``batch_size - n_fg`` background windows, each drawn
+    without replacement within the batch from all windows of that kind in all images (so a batch
+    spans many images: 32 positives are rarely near-duplicates of one object).
 
     Args:
-        detector: a ``WindowDetector``; only ``detector.head`` is trained.
-        source: training window features, prepared on ``images``
-            (``rows(i, idx, rng) -> Tensor[len(idx), D]``).
         images: from ``make_training_images``.
-    Returns:
-        The log: one dict per logged interval (iteration, lr, loss, accuracy, seconds).
+        source: training window features (``rows(i, idx, rng) -> Tensor[len(idx), D]``).
+        cfg: batch_size, fg_fraction, pool_batches.
+        rng, generator: numpy RNG (random scale per window) and torch RNG (the draws).
     """
+
+    def __init__(self, images, source, cfg: FinetuneConfig, rng, generator) -> None:
+        owner = torch.cat(
+            [torch.full((im.labels.numel(),), i, dtype=torch.long) for i, im in enumerate(images)]
+        )
+        index = torch.cat([torch.arange(im.labels.numel()) for im in images])
+        labels = torch.cat([im.labels for im in images])
+        self.fg = torch.nonzero(labels > 0).flatten()
+        self.bg = torch.nonzero(labels == BACKGROUND).flatten()
+        if self.fg.numel() == 0 and self.bg.numel() == 0:
+            raise ValueError("no training windows: every image lacks positives and negatives")
+        self.owner, self.index, self.labels = owner, index, labels
+        self.source, self.cfg, self.rng, self.gen = source, cfg, rng, generator
+        self.n_fg = min(int(round(cfg.fg_fraction * cfg.batch_size)), self.fg.numel())
+        self.n_bg = min(cfg.batch_size - self.n_fg, self.bg.numel())
+
+    def draw(self) -> Tensor:
+        """Global window ids of one mini-batch: foreground first, then background."""
+        fg = self.fg[torch.randperm(self.fg.numel(), generator=self.gen)[: self.n_fg]]
+        bg = self.bg[torch.randperm(self.bg.numel(), generator=self.gen)[: self.n_bg]]
+        return torch.cat([fg, bg])
+
+    def features(self, ids: Tensor) -> Tensor:
+        """Tensor[len(ids), D]: pooled features of global window ids, one read per image."""
+        out = None
+        owners = self.owner[ids]
+        for i in torch.unique(owners).tolist():
+            sel = torch.nonzero(owners == i).flatten()
+            rows = self.source.rows(int(i), self.index[ids[sel]], self.rng)
+            if out is None:
+                out = rows.new_empty(ids.numel(), rows.shape[1])
+            out[sel.to(rows.device)] = rows
+        return out
+
+    def batches(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        """Endless ``(features, labels)`` mini-batches, fetched ``pool_batches`` at a time."""
+        while True:
+            drawn = [self.draw() for _ in range(max(1, self.cfg.pool_batches))]
+            feats = self.features(torch.cat(drawn))
+            start = 0
+            for ids in drawn:
+                yield feats[start : start + ids.numel()], self.labels[ids]
+                start += ids.numel()
+
+
+def _set_input_scale(head, source, images: Sequence[TrainingImage]) -> None:
     usable = [i for i, im in enumerate(images) if bool((im.labels >= 0).any())]
-    if not usable:
-        raise ValueError("no training windows: every image lacks positives and negatives")
-    iterations = num_iterations(cfg, len(images))
-    step_at = int(iterations * cfg.step_fraction)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    head = detector.head
-    device = detector.device
-    opt = torch.optim.SGD(
-        head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
     sample = torch.cat(
         [
             source.rows(i, torch.arange(min(64, images[i].windows.shape[0])))
@@ -113,65 +168,73 @@ def finetune_head(
         ]
     )
     logger.info("fc6 input scale %.4g", head.set_input_scale(sample))
+
+
+def finetune_head(
+    detector,
+    source,
+    images: Sequence[TrainingImage],
+    cfg: FinetuneConfig,
+    set_input_scale: bool = True,
+) -> List[Dict[str, float]]:
+    """SGD on fc6, fc7 and cls_score: mini-batches of 128 windows, 25% positives, drawn from
+    the whole training set (``WindowPool``); lr steps by ``lr_step_factor`` after
+    ``step_fraction`` of the iterations (sec. 4.1: 1e-4 for 250k, then 1e-5 for 50k).
+
+    Args:
+        detector: a ``WindowDetector``; only ``detector.head`` is trained.
+        source: training window features, prepared on ``images``.
+        images: from ``make_training_images``.
+        set_input_scale: set the fc6 input scale from the data (fc6/fc7 from random init);
+            False keeps the one that came with pretrained or distilled fc6/fc7.
+    Returns:
+        The log: one dict per logged interval (iteration, lr, loss, accuracy, seconds).
+    """
+    iterations = num_iterations(cfg, len(images))
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pool = WindowPool(images, source, cfg, rng, gen)
+    head = detector.head
+    opt = torch.optim.SGD(
+        head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    step_at = int(iterations * cfg.step_fraction)
+    milestones = [step_at] if 0 < step_at < iterations else []
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.lr_step_factor)
+    if set_input_scale:
+        _set_input_scale(head, source, images)
     head.train()
     log: List[Dict[str, float]] = []
-    run_loss = run_acc = 0.0
-    run_n = 0
+    totals = np.zeros(3)  # loss * n, correct, n
     t0 = time.perf_counter()
     log_every = max(1, iterations // 20)
+    batches = pool.batches()
     bar = tqdm(range(iterations), desc="fine-tune fc6/fc7/cls_score", unit="it", leave=False)
     for it in bar:
-        if it == step_at and step_at > 0:
-            # lr 1e-4 -> 1e-5 after 250k of 300k mini-batches (sec. 4.1).
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * cfg.lr_step_factor
-        chosen = rng.choice(usable, size=min(cfg.images_per_batch, len(usable)), replace=False)
-        pool_labels = torch.cat([images[i].labels for i in chosen])
-        owner = torch.cat(
-            [
-                torch.full((images[i].labels.numel(),), k, dtype=torch.long)
-                for k, i in enumerate(chosen)
-            ]
-        )
-        offsets = torch.cat([torch.arange(images[i].labels.numel()) for i in chosen])
-        picked = sample_minibatch(
-            pool_labels, batch_size=cfg.batch_size, fg_fraction=cfg.fg_fraction, generator=gen
-        )
-        feats, targets = [], []
-        for k, i in enumerate(chosen):
-            sel = picked[owner[picked] == k]
-            if sel.numel():
-                feats.append(source.rows(int(i), offsets[sel], rng))
-                targets.append(pool_labels[sel])
-        x = torch.cat(feats).to(device)
-        y = torch.cat(targets).to(device)
+        x, y = next(batches)
+        x, y = x.to(detector.device), y.to(detector.device)
         _, logits = head(x)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        lr = opt.param_groups[0]["lr"]
         opt.step()
-        run_loss += loss.item() * y.numel()
-        run_acc += float((logits.argmax(1) == y).sum())
-        run_n += y.numel()
+        sched.step()
+        totals += (loss.item() * y.numel(), float((logits.argmax(1) == y).sum()), y.numel())
         if (it + 1) % log_every == 0 or it + 1 == iterations:
             entry = {
                 "iteration": it + 1,
-                "lr": opt.param_groups[0]["lr"],
-                "loss": run_loss / run_n,
-                "accuracy": run_acc / run_n,
+                "lr": lr,
+                "loss": totals[0] / totals[2],
+                "accuracy": totals[1] / totals[2],
                 "seconds": time.perf_counter() - t0,
             }
             log.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.2f}")
             logger.info(
                 "fine-tune it %d/%d lr %.1e loss %.4f acc %.3f",
-                it + 1,
-                iterations,
-                entry["lr"],
-                entry["loss"],
-                entry["accuracy"],
+                *(it + 1, iterations, lr, entry["loss"], entry["accuracy"]),
             )
-            run_loss = run_acc = 0.0
-            run_n = 0
+            totals[:] = 0
     head.eval()
     return log

@@ -18,8 +18,9 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from spp_detect.config import DetectorConfig
@@ -30,7 +31,12 @@ from spp_detect.utils import atomic_write_json, resolve_device
 from spp_detect.training.conv_cache import weights_digest
 from spp_detect.training.svm_bbox import train_svms_and_regressors
 from spp_detect.inference.dataset import dataset_proposals
-from spp_detect.training.finetune import finetune_head, make_training_images
+from spp_detect.datasets.records import ImageRecord, mirror_boxes
+from spp_detect.errors import UserInputError
+from spp_detect.modeling.backbones import build_imagenet_model
+from spp_detect.modeling.head import load_imagenet_fc
+from spp_detect.training.distill import distill_head
+from spp_detect.training.finetune import TrainingImage, finetune_head, make_training_images
 
 __all__ = ["train_detector", "make_feature_source"]
 
@@ -58,6 +64,73 @@ def make_feature_source(detector, cache_dir: Path):
     return RCNNWindowFeatures(
         detector, cache_dir / "rcnn_features", dtype=detector.config.feature_cache_dtype
     )
+
+
+# The config sections that determine the fine-tuned head (its checkpoint's key).
+_FINETUNE_INPUTS = ("model", "data", "proposals", "distill", "finetune", "feature_cache_dtype")
+# Backbones whose whole ImageNet network (with a classifier) can teach fc6/fc7.
+_HAS_IMAGENET_CLASSIFIER = ("efficientnet_lite0", "vgg16", "alexnet")
+
+
+def resolve_fc_init(config: DetectorConfig, pretrained: Union[bool, str]) -> str:
+    """``distill.fc_init`` with "auto" resolved: "distill" where the backbone has ImageNet
+    weights and a classifier, else "random"."""
+    fc_init = config.distill.fc_init
+    name = config.model.backbone
+    if fc_init not in ("auto", "random", "distill", "imagenet"):
+        raise UserInputError(
+            f"distill.fc_init must be auto, random, distill or imagenet, got {fc_init!r}"
+        )
+    if fc_init == "auto":
+        usable = name in _HAS_IMAGENET_CLASSIFIER and pretrained is not False
+        return "distill" if usable else "random"
+    if fc_init != "random" and (name not in _HAS_IMAGENET_CLASSIFIER or pretrained is False):
+        raise UserInputError(
+            f"distill.fc_init={fc_init} needs ImageNet weights of efficientnet_lite0, vgg16 or "
+            f"alexnet (backbone {name!r}, pretrained={pretrained!r})"
+        )
+    if fc_init == "imagenet" and name == "efficientnet_lite0":
+        raise UserInputError("distill.fc_init=imagenet: efficientnet_lite0 has no fc6/fc7")
+    return fc_init
+
+
+def init_fc_layers(detector, source, images, config, pretrained, cache_dir, log) -> str:
+    """Give fc6/fc7 their starting point (``distill.fc_init``); returns the resolved choice."""
+    fc_init = resolve_fc_init(config, pretrained)
+    log["fc_init"] = fc_init
+    if fc_init == "random":
+        return fc_init
+    teacher = build_imagenet_model(config.model.backbone, pretrained=pretrained)
+    teacher = teacher.to(detector.device)
+    if fc_init == "imagenet":
+        cls = teacher.model.classifier  # torchvision: Dropout?, fc6, ReLU, Dropout, fc7, ...
+        fc6, fc7 = [m for m in cls if isinstance(m, torch.nn.Linear)][:2]
+        m = config.model
+        load_imagenet_fc(detector.head, fc6, fc7, m.levels, detector.backbone.out_channels)
+        return fc_init
+    t = time.perf_counter()
+    log["distill"] = distill_head(
+        detector, source, images, config.distill, teacher, Path(cache_dir) / "teacher"
+    )
+    log["seconds"]["distill"] = time.perf_counter() - t
+    return fc_init
+
+
+def training_images(
+    records: Sequence[ImageRecord], proposals: Dict[str, np.ndarray], config: DetectorConfig
+) -> Tuple[List[TrainingImage], List[TrainingImage]]:
+    """The training images, and their horizontal mirrors when ``data.flip`` (the SPP_net code
+    fine-tunes on trainval plus its mirror images; the SVMs and regressors train on the
+    originals, as in R-CNN). Mirrored windows are the mirrored proposals of the original."""
+    use_difficult = config.data.use_difficult
+    images = make_training_images(records, proposals, config.finetune, use_difficult)
+    if not config.data.flip:
+        return images, []
+    mirrored = [r.mirrored() for r in records]
+    mirrored_props = {
+        m.image_id: mirror_boxes(proposals[r.image_id], r.width) for r, m in zip(records, mirrored)
+    }
+    return images, make_training_images(mirrored, mirrored_props, config.finetune, use_difficult)
 
 
 def train_detector(
@@ -117,9 +190,9 @@ def train_detector(
     detector = build_detector(method, dataset.class_names, config, pretrained=pretrained).to(dev)
     source = make_feature_source(detector, cache_dir)
 
-    images = make_training_images(dataset.records, proposals, config.finetune)
+    images, flipped = training_images(dataset.records, proposals, config)
     t = time.perf_counter()
-    log["feature_cache"] = source.prepare(images)
+    log["feature_cache"] = source.prepare(images + flipped)
     log["seconds"]["features"] = time.perf_counter() - t
 
     # Keyed on what determines the fine-tuned head only: not on the SVM, test or worker settings.
@@ -127,7 +200,7 @@ def train_detector(
     ft_key = _digest(
         [
             method,
-            {k: cfg[k] for k in ("model", "proposals", "finetune", "feature_cache_dtype")},
+            {k: cfg[k] for k in _FINETUNE_INPUTS},
             dataset.class_names,
             dataset.image_ids,
             weights_digest(detector.backbone),
@@ -143,7 +216,10 @@ def train_detector(
         logger.info("fine-tuning: reusing %s", ft_path)
         log["finetune"] = saved["log"]
     elif config.finetune.enabled:
-        log["finetune"] = finetune_head(detector, source, images, config.finetune)
+        fc_init = init_fc_layers(detector, source, images, config, pretrained, cache_dir, log)
+        log["finetune"] = finetune_head(
+            detector, source, images + flipped, config.finetune, fc_init == "random"
+        )
         save_file(
             {"key": ft_key, "head": detector.head.state_dict(), "log": log["finetune"]}, ft_path
         )
