@@ -1,90 +1,26 @@
-"""Box deltas (R-CNN parameterisation) and the per-class ridge regressor."""
+"""The per-class ridge box regressor: training (training/bbox_training.py) against a float64
+port of R-CNN's code, and prediction (modeling/box_regression.py)."""
 
 import logging
-import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from spp_detect.modeling.box_regression import (
-    DEFAULT_SCALE_CLAMP,
-    BoxRegressor,
-    apply_deltas,
-    get_deltas,
-    ridge_solve,
-)
+from spp_detect.config import DetectorConfig, apply_overrides
+from spp_detect.modeling.box_regression import BoxRegressor
+from spp_detect.structures import BoxCoder, matched_box_iou
+from spp_detect.training.bbox_training import BoxRegressionTrainer, fit_box_regressor, ridge_solve
+
+get_deltas = BoxCoder().get_deltas
+apply_deltas = BoxCoder().apply_deltas
 
 
 def random_boxes(n, generator, dtype=torch.float64, min_size=1.0):
     xy = torch.rand(n, 2, generator=generator, dtype=dtype) * 200
     wh = torch.rand(n, 2, generator=generator, dtype=dtype) * 100 + min_size
     return torch.cat([xy, xy + wh], dim=1)
-
-
-# -- deltas ---------------------------------------------------------------------------------
-def test_round_trip_float64():
-    g = torch.Generator().manual_seed(0)
-    # Sides 5..105: size ratios stay below the 1000/16 clamp.
-    a = random_boxes(500, g, min_size=5.0)
-    b = random_boxes(500, g, min_size=5.0)
-    out = apply_deltas(get_deltas(a, b), a)
-    torch.testing.assert_close(out, b, rtol=0, atol=1e-9)
-    # With weights too.
-    w = (10.0, 10.0, 5.0, 5.0)
-    out = apply_deltas(get_deltas(a, b, w), a, w)
-    torch.testing.assert_close(out, b, rtol=0, atol=1e-9)
-
-
-def test_hand_worked_deltas():
-    # src: w=10, h=20, centre (5, 10); dst: w=20, h=40, centre (15, 25).
-    src = torch.tensor([[0.0, 0.0, 10.0, 20.0]], dtype=torch.float64)
-    dst = torch.tensor([[5.0, 5.0, 25.0, 45.0]], dtype=torch.float64)
-    expected = torch.tensor([[1.0, 0.75, math.log(2.0), math.log(2.0)]], dtype=torch.float64)
-    torch.testing.assert_close(get_deltas(src, dst), expected)
-    weighted = expected * torch.tensor([10.0, 10.0, 5.0, 5.0], dtype=torch.float64)
-    torch.testing.assert_close(get_deltas(src, dst, (10, 10, 5, 5)), weighted)
-    torch.testing.assert_close(apply_deltas(expected, src), dst)
-
-
-def test_class_specific_layout():
-    g = torch.Generator().manual_seed(1)
-    boxes = random_boxes(7, g)
-    deltas = torch.randn(7, 4 * 3, generator=g, dtype=torch.float64) * 0.3
-    out = apply_deltas(deltas, boxes)
-    assert out.shape == (7, 12)
-    for k in range(3):
-        ref = apply_deltas(deltas[:, 4 * k : 4 * k + 4], boxes)
-        torch.testing.assert_close(out[:, 4 * k : 4 * k + 4], ref)
-    # Class k's columns are (dx, dy, dw, dh) of class k: only dx of class 1 moves class 1.
-    d = torch.zeros(1, 12, dtype=torch.float64)
-    d[0, 4] = 1.0
-    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)
-    out = apply_deltas(d, box).reshape(3, 4)
-    torch.testing.assert_close(out[0], box[0])
-    torch.testing.assert_close(out[1], torch.tensor([10.0, 0.0, 20.0, 10.0], dtype=torch.float64))
-
-
-def test_scale_clamp_and_zero_boxes():
-    box = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 5.0, 5.0]])
-    deltas = torch.tensor([[0.0, 0.0, 100.0, 100.0], [1.0, -1.0, 2.0, 2.0]])
-    out = apply_deltas(deltas, box)
-    assert torch.isfinite(out).all()
-    side = 10.0 * math.exp(DEFAULT_SCALE_CLAMP)  # 625 = 10 * 1000 / 16
-    torch.testing.assert_close(
-        out[0], torch.tensor([5 - side / 2, 5 - side / 2, 5 + side / 2, 5 + side / 2])
-    )
-    torch.testing.assert_close(out[1], torch.tensor([5.0, 5.0, 5.0, 5.0]))
-
-
-def test_empty_and_errors():
-    assert apply_deltas(torch.zeros(0, 8), torch.zeros(0, 4)).shape == (0, 8)
-    assert get_deltas(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0, 4)
-    with pytest.raises(ValueError):
-        get_deltas(torch.tensor([[0.0, 0, 0, 5]]), torch.tensor([[0.0, 0, 5, 5]]))
-    with pytest.raises(ValueError):
-        apply_deltas(torch.zeros(3, 5), torch.zeros(3, 4))
 
 
 # -- ridge ----------------------------------------------------------------------------------
@@ -136,15 +72,13 @@ def make_regression_data(n, d, num_classes, seed, noise=0.0):
 
 def test_regressor_matches_rcnn_reference():
     feats, boxes, gt, labels, _ = make_regression_data(300, 12, 2, seed=3, noise=0.05)
-    reg = BoxRegressor(2, lambda_=1000.0, iou_thresh=0.5).fit(feats.float(), boxes, gt, labels)
+    reg = fit_box_regressor(feats.float(), boxes, gt, labels, 2, lambda_=1000.0, iou_thresh=0.5)
     scale = 20.0 / feats.norm(dim=1).mean().item()
     assert reg.feature_scale.item() == pytest.approx(scale, rel=1e-6)
     pred = reg.predict_deltas(feats).numpy()
     for c in range(2):
         sel = labels == c
-        from spp_detect.structures.boxes import pairwise_iou
-
-        sel &= pairwise_iou(boxes, gt) > 0.5
+        sel &= matched_box_iou(boxes, gt) > 0.5
         y = get_deltas(boxes[sel], gt[sel]).numpy()
         ref = rcnn_reference(feats[sel].numpy(), y, 1000.0, scale)(feats.numpy())
         np.testing.assert_allclose(pred[:, c], ref, rtol=1e-4, atol=1e-5)
@@ -152,7 +86,7 @@ def test_regressor_matches_rcnn_reference():
 
 def test_regressor_recovers_known_map():
     feats, boxes, gt, labels, deltas = make_regression_data(400, 8, 3, seed=4)
-    reg = BoxRegressor(3, lambda_=1e-6).fit(feats, boxes, gt, labels)
+    reg = fit_box_regressor(feats, boxes, gt, labels, 3, lambda_=1e-6)
     assert reg.trained.all()
     # Output dtype follows the features (float64 here).
     torch.testing.assert_close(reg.predict(feats, boxes, labels), gt, atol=2e-3, rtol=0)
@@ -166,8 +100,17 @@ def test_unregularised_bias_matches_sklearn_ridge():
     from sklearn.linear_model import Ridge
 
     feats, boxes, gt, labels, _ = make_regression_data(200, 10, 1, seed=5, noise=0.05)
-    reg = BoxRegressor(1, lambda_=50.0, regularize_bias=False, whiten_targets=False)
-    reg.fit(feats, boxes, gt, labels, feature_scale=1.0)
+    reg = fit_box_regressor(
+        feats,
+        boxes,
+        gt,
+        labels,
+        1,
+        lambda_=50.0,
+        regularize_bias=False,
+        whiten_targets=False,
+        feature_scale=1.0,
+    )
     y = get_deltas(boxes, gt).numpy()
     ref = Ridge(alpha=50.0, fit_intercept=True).fit(feats.numpy(), y).predict(feats.numpy())
     np.testing.assert_allclose(reg.predict_deltas(feats)[:, 0].numpy(), ref, atol=1e-5)
@@ -175,8 +118,8 @@ def test_unregularised_bias_matches_sklearn_ridge():
 
 def test_dual_and_primal_fits_agree():
     feats, boxes, gt, labels, _ = make_regression_data(60, 40, 2, seed=6, noise=0.05)
-    a = BoxRegressor(2, min_samples=1).fit(feats, boxes, gt, labels, method="dual")
-    b = BoxRegressor(2, min_samples=1).fit(feats, boxes, gt, labels, method="primal")
+    a = fit_box_regressor(feats, boxes, gt, labels, 2, min_samples=1, method="dual")
+    b = fit_box_regressor(feats, boxes, gt, labels, 2, min_samples=1, method="primal")
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-6)
 
 
@@ -191,8 +134,8 @@ def test_identity_for_classes_without_samples(caplog):
     bx = torch.cat([boxes, far])
     gts = torch.cat([gt, boxes])
     lab = torch.cat([labels, torch.ones_like(labels)])
-    with caplog.at_level(logging.WARNING, logger="spp_detect.modeling.box_regression"):
-        reg = BoxRegressor(3).fit(x, bx, gts, lab)
+    with caplog.at_level(logging.WARNING, logger="spp_detect.training.bbox_training"):
+        reg = fit_box_regressor(x, bx, gts, lab, 3)
     assert reg.trained.tolist() == [True, False, False]
     assert "class 1" in caplog.text and "class 2" in caplog.text
     deltas = reg.predict_deltas(x)
@@ -202,7 +145,7 @@ def test_identity_for_classes_without_samples(caplog):
 
 def test_state_dict_round_trip():
     feats, boxes, gt, labels, _ = make_regression_data(80, 5, 2, seed=8, noise=0.05)
-    reg = BoxRegressor(2).fit(feats, boxes, gt, labels)
+    reg = fit_box_regressor(feats, boxes, gt, labels, 2)
     state = {k: v.clone() for k, v in reg.state_dict().items()}
     assert state["weight"].shape == (2, 6, 4)
     loaded = BoxRegressor.from_state_dict(state)
@@ -219,12 +162,97 @@ def test_state_dict_round_trip():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     feats, boxes, gt, labels, _ = make_regression_data(80, 5, 2, seed=9, noise=0.05)
-    reg = BoxRegressor(2).fit(feats.float(), boxes.float(), gt.float(), labels)
+    reg = fit_box_regressor(feats.float(), boxes.float(), gt.float(), labels, 2)
     cpu = reg.predict_all(feats.float(), boxes.float())
-    gpu_reg = BoxRegressor(2).fit(
-        feats.float().cuda(), boxes.float().cuda(), gt.float().cuda(), labels.cuda()
+    gpu_reg = fit_box_regressor(
+        feats.float().cuda(), boxes.float().cuda(), gt.float().cuda(), labels.cuda(), 2
     )
+    assert gpu_reg.weight.is_cuda
     out = gpu_reg.predict_all(feats.float().cuda(), boxes.float().cuda())
     torch.testing.assert_close(out.cpu(), cpu, rtol=1e-4, atol=1e-3)
     out2 = reg.cuda().predict_all(feats.float().cuda(), boxes.float().cuda())
     torch.testing.assert_close(out2.cpu(), cpu, rtol=1e-5, atol=1e-4)
+
+
+def test_delta_weights_travel_with_the_regressor():
+    feats, boxes, gt, labels, _ = make_regression_data(400, 8, 2, seed=10)
+    w = (10.0, 10.0, 5.0, 5.0)
+    reg = fit_box_regressor(feats, boxes, gt, labels, 2, lambda_=1e-6, weights=w)
+    assert reg.box_coder.weights == w
+    # The targets were weighted deltas: predictions decode with the same weights.
+    torch.testing.assert_close(reg.predict(feats, boxes, labels), gt, atol=2e-3, rtol=0)
+    loaded = BoxRegressor.from_state_dict(reg.state_dict())
+    assert loaded.box_coder.weights == w
+
+
+def _iou64(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_rcnn_bbox_settings_from_config_are_honoured():
+    """bbox_reg.iou_thresh=0.6 bbox_reg.lambda_=1000 (R-CNN's rcnn_train_bbox_regressor.m):
+    samples are the windows with IoU > 0.6 (strict), and the ridge uses lambda 1000."""
+    cfg = apply_overrides(DetectorConfig(), ["bbox_reg.iou_thresh=0.6", "bbox_reg.lambda_=1000"])
+    assert (cfg.bbox_reg.iou_thresh, cfg.bbox_reg.lambda_) == (0.6, 1000.0)
+    gt = torch.tensor([[0.0, 0, 100, 100], [200, 50, 260, 170]])
+    gt_labels = torch.tensor([0, 1])
+    windows = []
+    for box in gt.tolist():
+        for sx in range(0, 40, 3):
+            for sy in (0, 5, 10):
+                windows.append([box[0] + sx, box[1] + sy, box[2] + sx, box[3] + sy])
+    # Shifted by 25 px along x, gt 0 overlaps 75 / 125 = 0.6 exactly: not above 0.6.
+    windows.append([25.0, 0, 125, 100])
+    windows = torch.tensor(windows)
+    best = [max(_iou64(w, g) for g in gt.tolist()) for w in windows.tolist()]
+    assert best[-1] == 0.6
+    expected = [i for i, v in enumerate(best) if v > 0.6]
+    between = [i for i, v in enumerate(best) if 0.5 < v <= 0.6]
+    assert len(between) >= 5 and len(expected) >= 30  # the two settings differ on this image
+
+    g = torch.Generator().manual_seed(11)
+    feats = torch.rand(len(windows), 12, generator=g, dtype=torch.float64) * 3
+    trainer = BoxRegressionTrainer.from_config(cfg.bbox_reg)
+    sel = trainer.add_image(feats, windows, gt, gt_labels)
+    assert sorted(sel.tolist()) == expected
+    default = BoxRegressionTrainer.from_config(DetectorConfig().bbox_reg)
+    assert sorted(default.add_image(feats, windows, gt, gt_labels).tolist()) == sorted(
+        expected + between
+    )
+
+    reg = trainer.fit(2)
+    # Reference: R-CNN's fit with lambda 1000 on exactly those windows (features as stored,
+    # float16), each matched to the ground truth it overlaps most.
+    x = feats[expected].half().double()
+    scale = 20.0 / x.norm(dim=1).mean().item()
+    assert reg.feature_scale.item() == pytest.approx(scale, rel=1e-6)
+    for c in range(2):
+        rows = [i for i in expected if _iou64(windows[i].tolist(), gt[c].tolist()) > 0.6]
+        y = get_deltas(windows[rows].double(), gt[c].expand(len(rows), 4).double()).numpy()
+        x_c = feats[rows].half().double().numpy()
+        ref = rcnn_reference(x_c, y, 1000.0, scale)(x_c)
+        pred = reg.predict_deltas(feats[rows].half().double())[:, c].numpy()
+        np.testing.assert_allclose(pred, ref, rtol=1e-4, atol=1e-5)
+        ref_4000 = rcnn_reference(x_c, y, 4000.0, scale)(x_c)
+        assert np.abs(pred - ref_4000).max() > 1e-3  # lambda matters on this data
+
+
+def test_trainer_caps_samples_per_image_and_handles_no_ground_truth():
+    gt = torch.tensor([[10.0, 10, 60, 60]])
+    windows = gt + torch.arange(20.0)[:, None] * torch.tensor([1.0, 0, 1, 0])  # IoU 1 .. 0.45
+    feats = torch.rand(20, 4, generator=torch.Generator().manual_seed(12))
+    picks = []
+    for _ in range(2):
+        trainer = BoxRegressionTrainer(iou_thresh=0.5, max_per_image=7, seed=3)
+        sel = trainer.add_image(feats, windows, gt, torch.tensor([0]))
+        assert sel.numel() == 7 and trainer.num_samples == 7
+        assert len(set(sel.tolist())) == 7 and max(sel.tolist()) <= 16  # IoU(17) = 33/67 < 0.5
+        picks.append(sel.tolist())
+    assert picks[0] == picks[1]  # seeded
+    assert (
+        trainer.add_image(feats, windows, gt[:0], torch.tensor([], dtype=torch.long)).numel() == 0
+    )
+    assert BoxRegressionTrainer().fit(3) is None

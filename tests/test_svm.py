@@ -1,19 +1,21 @@
-"""Per-class linear SVMs and R-CNN's hard negative mining."""
+"""Per-class linear SVMs (modeling/svm.py: scoring) and their training with liblinear and
+R-CNN's hard negative mining (training/svm_training.py)."""
 
+import ast
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from spp_detect.modeling.svm import (
-    UNTRAINED_BIAS,
+import spp_detect.modeling
+from spp_detect.modeling.svm import UNTRAINED_BIAS, LinearSVMs, mean_norm_scale
+from spp_detect.training.svm_training import (
     HardNegativeMiner,
-    LinearSVMs,
     MiningImage,
-    mean_norm_scale,
-    scaled_retrain_every,
+    SVMSolver,
     train_svms,
 )
 
@@ -47,8 +49,8 @@ def test_bias_multiplier_equals_liblinear_constant_feature():
     g = torch.Generator().manual_seed(1)
     pos = blobs(40, 5, 1.0, g)
     neg = blobs(200, 5, -0.5, g)
-    svms = LinearSVMs(1, feature_scale=1.0, tol=1e-8, max_iter=100000)
-    svms.fit_class(0, pos, neg)
+    svms = LinearSVMs(1, feature_scale=1.0)
+    SVMSolver(tol=1e-8, max_iter=100000).fit(svms, 0, pos, neg)
     x = torch.cat([pos, neg]).double().numpy()
     x_aug = np.concatenate([x, np.full((x.shape[0], 1), 10.0)], axis=1)
     y = np.r_[np.ones(40), -np.ones(200)]
@@ -74,7 +76,7 @@ def test_separable_toy_data_is_separated():
     neg = blobs(300, d, torch.zeros(d), g).abs()
     svms = LinearSVMs(2)
     svms.set_feature_scale(torch.cat([pos, neg]))
-    svms.fit_class(1, pos, neg)
+    SVMSolver().fit(svms, 1, pos, neg)
     test_pos = blobs(100, d, centre, g).abs()
     test_neg = blobs(100, d, torch.zeros(d), g).abs()
     assert (svms.scores(test_pos)[:, 1] > 0).float().mean() >= 0.98
@@ -102,7 +104,7 @@ def trained_by_hand(d, w0, b0):
 
 def test_negative_above_minus_one_enters_cache():
     svms = trained_by_hand(3, 1.0, 0.0)
-    miner = HardNegativeMiner(svms, dedup_negatives=False, retrain_every=1000)
+    miner = HardNegativeMiner(svms, dedup_negatives=False)
     miner.add_positives(torch.tensor([[5.0, 0, 0]]), torch.tensor([0]))
     # Scores: -0.5, -1.0, -1.00005 (above -1.0001), -1.0002, -3.
     x0 = torch.tensor([-0.5, -1.0, -1.00005, -1.0002, -3.0], dtype=torch.float64)
@@ -118,7 +120,7 @@ def test_negative_above_minus_one_enters_cache():
 
 def test_overlap_with_gt_rules_out_negatives():
     svms = LinearSVMs(2, feature_scale=1.0)
-    miner = HardNegativeMiner(svms, dedup_negatives=False, retrain_every=1000)
+    miner = HardNegativeMiner(svms, dedup_negatives=False)
     miner.add_positives(torch.ones(2, 4), torch.tensor([0, 1]))
     # Window 0 is a class-1 ground truth; IoU with class 0's ground truths: 0, 0.29, 0.3,
     # 0.31, 0.9 for windows 0..4; window 5 is a class-0 ground truth.
@@ -136,7 +138,7 @@ def test_easy_negatives_leave_at_retrain():
     g = torch.Generator().manual_seed(4)
     d = 6
     svms = LinearSVMs(1, feature_scale=1.0)
-    miner = HardNegativeMiner(svms, dedup_negatives=False, retrain_every=1000)
+    miner = HardNegativeMiner(svms, dedup_negatives=False)
     centre = torch.zeros(d)
     centre[0] = 4.0
     miner.add_positives(blobs(20, d, centre, g), torch.zeros(20, dtype=torch.long))
@@ -170,7 +172,7 @@ def test_dedup_drops_the_right_negative():
     # Zero model: all score 0, ties go by window order. Greedy: A kept, B dropped (0.9 to A),
     # C kept (0.7 to A is not above 0.7; B, which it overlaps by 0.78, was dropped), D kept.
     svms = LinearSVMs(1, feature_scale=1.0)
-    miner = HardNegativeMiner(svms, retrain_every=1000)
+    miner = HardNegativeMiner(svms)
     miner.retrain = lambda c: None
     miner.add_positives(torch.ones(1, 2), torch.tensor([0]))
     miner.add_image(torch.zeros(4, 2), ious, no_gt, empty, boxes)
@@ -178,7 +180,7 @@ def test_dedup_drops_the_right_negative():
 
     # A model under which B is the hardest: B kept, A (0.9) and C (0.78) dropped, D kept.
     svms = trained_by_hand(2, 1.0, 0.0)
-    miner = HardNegativeMiner(svms, retrain_every=1000)
+    miner = HardNegativeMiner(svms)
     miner.retrain = lambda c: None
     miner.add_positives(torch.ones(1, 2), torch.tensor([0]))
     feats = torch.tensor([[-0.5, 0], [-0.1, 0], [-0.3, 0], [-0.9, 0]])
@@ -198,22 +200,107 @@ def toy_image(g, k, d, centres, r=60, num_gt=2):
     return MiningImage(feats, ious, is_gt, labels, far_boxes(r))
 
 
-def test_retrain_schedule():
-    g = torch.Generator().manual_seed(5)
-    k, d = 1, 8
-    centres = torch.zeros(k, d)
-    centres[0, 0] = 4.0
-    images = [toy_image(g, k, d, centres) for _ in range(7)]
-    svms = LinearSVMs(k)
-    miner = HardNegativeMiner(svms, retrain_every=3)
-    for im in images:
-        miner.add_image(*im)
+class FixedSolver:
+    """Stands in for liblinear: every fit gives score = 5 * x[0], so a window with x[0] = 0 is a
+    hard negative (score 0 > -1.0001) and one with x[0] = -1 an easy one (-5 < -1.2)."""
+
+    def fit(self, svms, c, positives, negatives):
+        w = torch.zeros(svms.feature_dim)
+        w[0] = 5.0
+        svms.set_class(c, w, 0.0)
+        return {"pos_loss": 0.0, "neg_loss": 0.0, "reg_loss": 0.0, "total": 0.0}
+
+
+def counted_image(hard, easy=0, hard_c1=None):
+    """An image with ``hard`` hard negatives of class 0, and, when ``hard_c1`` is given,
+    ``hard_c1`` of class 1 (each overlaps an object of the other class by 0.5, so it is a
+    negative of one class only), then ``easy`` easy negatives of every class."""
+    k = 1 if hard_c1 is None else 2
+    n1 = hard_c1 or 0
+    r = hard + n1 + easy
+    feats = torch.zeros(r, 3)
+    feats[hard + n1 :, 0] = -1.0
+    ious = torch.zeros(r, k)
+    if k == 2:
+        ious[:hard, 1] = 0.5
+        ious[hard : hard + n1, 0] = 0.5
+    return MiningImage(
+        feats, ious, torch.zeros(r, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+    )
+
+
+def fixed_miner(k, retrain_limit):
+    svms = LinearSVMs(k, feature_scale=1.0)
+    miner = HardNegativeMiner(
+        svms, solver=FixedSolver(), dedup_negatives=False, retrain_limit=retrain_limit
+    )
+    miner.add_positives(torch.ones(k, 3), torch.arange(k))
+    return miner
+
+
+def test_retrain_schedule_by_hand():
+    """R-CNN's rule with retrain_limit 5: a class is retrained once MORE than 5 new negatives
+    joined its cache since its last training (rcnn_train.m: num_added > retrain_limit), after
+    its first model and once at the end."""
+    miner = fixed_miner(2, retrain_limit=5)
+    # (hard negatives of class 0, of class 1) per image; image 1 also has 2 easy windows.
+    counts = [(3, 3), (2, 2), (3, 2), (1, 0), (6, 1), (0, 3), (5, 0)]
+    added = []
+    for i, (n0, n1) in enumerate(counts):
+        added.append(miner.add_image(*counted_image(n0, 2 if i == 0 else 0, hard_c1=n1)))
+    # Image 1: the zero model scores every window 0, so the easy ones enter too.
+    assert added == [[5, 5], [2, 2], [3, 2], [1, 0], [6, 1], [0, 3], [5, 0]]
+    # Class 0: first model after image 1 (cache 3 after evicting the 2 easy ones); new
+    # negatives since then 2, 5, 6 > 5 -> image 4; 6 > 5 -> image 5; 0, 5 -> the end.
+    # Class 1: first model after image 1; then 2, 4, 4, 5, 8 > 5 -> image 6; 0 -> the end.
+    assert miner.num_added(0) == 5 and miner.num_added(1) == 0
     miner.finish()
-    # First model after image 1, every 3 images (3, 6), and the final retrain (7).
-    assert [h["image"] for h in miner.history] == [1, 3, 6, 7]
-    assert scaled_retrain_every(2000, 5011) == 2000
-    assert scaled_retrain_every(2000, 100) == 40
-    assert scaled_retrain_every(2000, 1) == 1
+    events = [(h["image"], h["cls"]) for h in miner.history]
+    assert events == [(1, 0), (1, 1), (4, 0), (5, 0), (6, 1), (7, 0), (7, 1)]
+    assert miner.history[0]["evicted"] == 2 and miner.history[0]["cache"] == 3
+    assert miner.cache_size(0) == 3 + 2 + 3 + 1 + 6 + 0 + 5
+    assert miner.cache_size(1) == 3 + 2 + 2 + 0 + 1 + 3 + 0
+
+
+def test_retrain_at_the_last_image_is_not_repeated():
+    # 6 > 5 new negatives at the last image: retrained there, and finish adds nothing (R-CNN
+    # updates a class once at its last image, for either reason).
+    miner = fixed_miner(1, retrain_limit=5)
+    for n in (3, 6):
+        miner.add_image(*counted_image(n))
+    assert [h["image"] for h in miner.history] == [1, 2]
+    miner.finish()
+    assert [h["image"] for h in miner.history] == [1, 2]
+    # 5 is not more than 5: no retrain at image 2, the final one comes from finish.
+    miner = fixed_miner(1, retrain_limit=5)
+    for n in (3, 5):
+        miner.add_image(*counted_image(n))
+    assert [h["image"] for h in miner.history] == [1]
+    miner.finish()
+    assert [h["image"] for h in miner.history] == [1, 2]
+
+
+def test_retrain_limit_in_config_reaches_the_miner():
+    from spp_detect.config import DetectorConfig, apply_overrides
+
+    assert DetectorConfig().svm.retrain_limit == 2000
+    cfg = apply_overrides(DetectorConfig(), ["svm.retrain_limit=7"])
+    assert cfg.svm.retrain_limit == 7
+    with pytest.raises(ValueError, match="retrain_limit"):
+        HardNegativeMiner(LinearSVMs(1), retrain_limit=-1)
+
+
+def test_modeling_never_imports_scikit_learn():
+    """Scoring needs no scikit-learn: no module of modeling/ imports it, even lazily."""
+    for path in Path(spp_detect.modeling.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.split(".")[0] == "sklearn" for n in names), path
 
 
 def test_retrain_limit_counts_added_negatives():
@@ -222,7 +309,7 @@ def test_retrain_limit_counts_added_negatives():
     centres = torch.zeros(1, d)
     centres[0, 0] = 4.0
     svms = LinearSVMs(1)
-    miner = HardNegativeMiner(svms, retrain_every=1000, retrain_limit=3)
+    miner = HardNegativeMiner(svms, retrain_limit=3)
     added = [miner.add_image(*toy_image(g, 1, d, centres))[0] for _ in range(6)]
     # R-CNN's rule: retrain once more than retrain_limit negatives joined since the last one.
     expected, since = [1], 0
@@ -246,8 +333,8 @@ def test_train_svms_end_to_end_and_untrained_class(caplog):
         im = toy_image(g, 2, d, centres[:2])  # class 2 never appears
         ious = torch.cat([im.window_ious, torch.zeros(im.window_ious.shape[0], 1)], dim=1)
         images.append(im._replace(window_ious=ious))
-    with caplog.at_level(logging.WARNING, logger="spp_detect.modeling.svm"):
-        svms = train_svms(images, k, retrain_every=4)
+    with caplog.at_level(logging.WARNING, logger="spp_detect.training.svm_training"):
+        svms = train_svms(images, k, retrain_limit=50)
     assert svms.trained.tolist() == [True, True, False]
     assert "class 2" in caplog.text
     assert svms.bias[2].item() == UNTRAINED_BIAS

@@ -20,7 +20,6 @@ from spp_detect.evaluation.voc import (
     METRIC_AREA,
     VOC07_RECALL_THRESHOLDS,
     VOCEvaluator,
-    boxes_to_voc_pixels,
     evaluate_voc_results,
     read_voc_results,
     voc_ap,
@@ -28,6 +27,7 @@ from spp_detect.evaluation.voc import (
     write_voc_results,
 )
 from spp_detect.structures import Detections
+from spp_detect.structures.voc_pixels import boxes_to_voc_pixels
 
 SIZE = (100, 200)  # (h, w) of every fake image
 
@@ -466,7 +466,10 @@ def test_voc_eval_tool(tmp_path, capsys):
     assert "dog" in capsys.readouterr().out
     # A user error: one line on stderr, exit code 2.
     (results / "comp4_det_test_dog.txt").write_text("000001 0.9 1 1 10\n")
-    rc = tool.cli(["--voc-root", str(root), "--results", str(results), "--output", str(out)])
+    from spp_detect.cli_common import run_user_command
+
+    argv = ["--voc-root", str(root), "--results", str(results), "--output", str(out)]
+    rc = run_user_command(tool.main, tool.get_args_parser().parse_args(argv))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "comp4_det_test_dog.txt:1: expected 6 fields" in err and "Traceback" not in err

@@ -12,8 +12,7 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-
-from ..structures.boxes import box_iou
+from torchvision.ops import box_iou
 
 __all__ = [
     "WindowLabels",

@@ -9,8 +9,9 @@ Layout (any year, any split; the toy dataset uses the same one)::
         ImageSets/Main/<split>.txt         # one image id per line
 
 This module is THE one place where VOC's 1-based inclusive pixel boxes are converted to the
-continuous frame of ``spp_detect.structures.boxes`` (see ``_voc_to_continuous``);
-``spp_detect/evaluation/voc.py`` converts back when it writes results files and computes AP.
+continuous frame of ``spp_detect.structures.boxes``, with ``structures.voc_pixels``
+(``voc_pixels_to_boxes``); ``spp_detect/evaluation/voc.py`` converts back with its inverse when it
+writes results files and computes AP.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..structures.voc_pixels import voc_pixels_to_boxes
 from .records import ImageRecord
 
 __all__ = [
@@ -138,19 +140,6 @@ def parse_voc_xml(path: PathLike) -> VOCAnnotation:
         difficult=np.asarray(difficult, dtype=bool),
         truncated=np.asarray(truncated, dtype=bool),
     )
-
-
-def _voc_to_continuous(boxes_voc: np.ndarray) -> np.ndarray:
-    """VOC 1-based inclusive pixels -> continuous xyxy (float32 [G, 4]).
-
-    VOC pixel ``xmin`` (1-based) is the pixel whose continuous extent is ``[xmin - 1, xmin)``,
-    and ``xmax`` (inclusive) ends at ``xmax``: so ``x1 = xmin - 1, x2 = xmax`` and the width
-    ``x2 - x1 = xmax - xmin + 1`` is the devkit's. The inverse (``+1`` on x1, y1) lives in
-    ``spp_detect/evaluation/voc.py:boxes_to_voc_pixels``.
-    """
-    out = np.asarray(boxes_voc, dtype=np.float64).reshape(-1, 4).copy()
-    out[:, :2] -= 1.0
-    return out.astype(np.float32)
 
 
 def available_years(root: PathLike) -> List[str]:
@@ -278,7 +267,7 @@ class VOCDataset:
                     path=path,
                     width=width,
                     height=height,
-                    boxes=_voc_to_continuous(ann.boxes_voc[keep]),
+                    boxes=voc_pixels_to_boxes(ann.boxes_voc[keep]),
                     labels=np.array([index[n] for n, k in zip(ann.names, keep) if k], np.int64),
                     difficult=ann.difficult[keep],
                     truncated=ann.truncated[keep],

@@ -22,8 +22,9 @@ Two choices where the devkit is undefined or quirky, both documented where appli
 ``prec`` is 0 where ``tp + fp = 0`` (the devkit's 0/0 = NaN, which MATLAB's ``max`` skips), and
 a class without non-difficult ground truth gets AP NaN (excluded from the mAP, with a warning).
 
-Boxes are converted from the continuous frame of ``spp_detect.structures.boxes`` here (see
-``boxes_to_voc_pixels``), mirroring the load-time conversion in ``spp_detect/datasets/voc.py``.
+Boxes are converted from the continuous frame of ``spp_detect.structures.boxes`` here with
+``spp_detect.structures.voc_pixels.boxes_to_voc_pixels``, the inverse of the load-time conversion
+in ``spp_detect/datasets/voc.py``.
 """
 
 from __future__ import annotations
@@ -35,20 +36,19 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..structures.detections import Detections
+from ..structures.voc_pixels import boxes_to_voc_pixels, voc_pixels_to_boxes
 from .voc_results import VOCClassResults, read_voc_results, write_voc_results
 
 __all__ = [
     "METRIC_07",
     "METRIC_AREA",
     "VOCEvaluator",
-    "boxes_to_voc_pixels",
     "evaluate_voc_results",
     "match_detections",
     "read_voc_results",
     "use_07_metric_for_year",
     "voc_ap",
     "voc_iou",
-    "voc_pixels_to_boxes",
     "voc_results_to_detections",
     "write_voc_results",
 ]
@@ -64,28 +64,6 @@ METRIC_AREA = "VOC area"
 # error": a = 0:.1:1; a(4) - .3 = 5.5511e-17); a recall of exactly 0.3 does not reach it. The
 # other ten values equal k/10. We use the same values, to agree with the devkit to the bit.
 VOC07_RECALL_THRESHOLDS = tuple(k * 0.1 if k <= 5 else 1.0 - (10 - k) * 0.1 for k in range(11))
-
-
-def boxes_to_voc_pixels(boxes) -> np.ndarray:
-    """Continuous xyxy -> VOC 1-based inclusive pixels (float32 [N, 4]).
-
-    The inverse of ``spp_detect/datasets/voc.py:_voc_to_continuous`` (``x1 = xmin - 1``,
-    ``x2 = xmax``): ``xmin = x1 + 1``, ``xmax = x2``. Computed in float32, identically for
-    in-memory evaluation and for the results files, so both give the same AP.
-    """
-    if hasattr(boxes, "detach"):
-        boxes = boxes.detach().cpu().numpy()
-    out = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-    out[:, :2] += np.float32(1.0)
-    return out
-
-
-def voc_pixels_to_boxes(boxes_voc) -> np.ndarray:
-    """VOC 1-based inclusive pixels -> continuous xyxy (float32 [N, 4]); for results files
-    that go on to COCO evaluation."""
-    out = np.array(boxes_voc, dtype=np.float32).reshape(-1, 4)
-    out[:, :2] -= np.float32(1.0)
-    return out
 
 
 def voc_iou(boxes_voc: np.ndarray, gt_voc: np.ndarray) -> np.ndarray:

@@ -18,6 +18,8 @@ from typing import Dict, List, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
+from ..errors import UserInputError
+from ..structures.voc_pixels import boxes_to_voc_pixels
 from ..utils import atomic_write_text
 
 __all__ = ["VOCClassResults", "read_voc_results", "results_path", "write_voc_results"]
@@ -59,13 +61,11 @@ def write_voc_results(
         split: e.g. "test" (part of the file names).
         class_names: label order of the detections.
         dets_by_image: ``{image_id: Detections}``, boxes in the continuous frame (converted to
-            VOC pixels here by ``evaluation.voc.boxes_to_voc_pixels``). Lines follow this
+            VOC pixels here by ``structures.voc_pixels.boxes_to_voc_pixels``). Lines follow this
             mapping's order, then the detection order, which is the tie order when scored.
     Returns:
         the written paths, in ``class_names`` order. Each file is written atomically.
     """
-    from .voc import boxes_to_voc_pixels  # voc.py imports this module
-
     lines: Dict[int, List[str]] = defaultdict(list)
     num_classes = len(class_names)
     for image_id, dets in dets_by_image.items():
@@ -110,20 +110,22 @@ def _parse_lines(path: Path, lines: List[str], index: Mapping[str, int]):
         if not fields:
             continue  # a blank line holds no detection
         if len(fields) != 6:
-            raise ValueError(
+            raise UserInputError(
                 f"{path}:{lineno}: expected 6 fields 'image_id score xmin ymin xmax ymax', "
                 f"got {len(fields)}"
             )
         i = index.get(fields[0])
         if i is None:
-            raise ValueError(f"{path}:{lineno}: unknown image id {fields[0]!r} (not in the split)")
+            raise UserInputError(
+                f"{path}:{lineno}: unknown image id {fields[0]!r} (not in the split)"
+            )
         try:
             row = [float(v) for v in fields[1:]]
         except ValueError:
             bad = next(v for v in fields[1:] if not _is_float(v))
-            raise ValueError(f"{path}:{lineno}: not a number: {bad!r}") from None
+            raise UserInputError(f"{path}:{lineno}: not a number: {bad!r}") from None
         if not all(math.isfinite(v) for v in row):
-            raise ValueError(f"{path}:{lineno}: non-finite value in {line.strip()!r}")
+            raise UserInputError(f"{path}:{lineno}: non-finite value in {line.strip()!r}")
         image_index.append(i)
         values.append(row)
     return np.asarray(image_index, dtype=np.int64), np.asarray(values, np.float64).reshape(-1, 5)
@@ -182,13 +184,13 @@ def read_voc_results(
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise ValueError(f"{results_dir}: results folder not found")
+        raise UserInputError(f"{results_dir}: results folder not found")
     index = {str(i): k for k, i in enumerate(image_ids)}
     out: Dict[str, VOCClassResults] = {}
     for name in class_names:
         path = results_path(results_dir, split, name, prefix)
         if not path.is_file():
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: missing results file for class {name!r} (one "
                 f"{prefix}_{split}_<class>.txt per class is needed; an empty file means no "
                 "detections)"

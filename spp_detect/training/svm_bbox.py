@@ -1,25 +1,28 @@
 """Stages 2 and 3 of detector training, in one pass over the training images:
 
-- per-class linear SVMs on fc7 with one pass of hard negative mining (R-CNN / SPP-net);
+- per-class linear SVMs on fc7 with one pass of hard negative mining (R-CNN / SPP-net;
+  ``training/svm_training.py``);
 - per-class ridge box regressors on the pooled conv features of windows that overlap a ground
-  truth (SPP_net code: IoU > 0.5, lambda 4000).
+  truth (SPP_net code: IoU > 0.5, lambda 4000; ``training/bbox_training.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from spp_detect.config import DetectorConfig
 from spp_detect.modeling.box_regression import BoxRegressor
-from spp_detect.modeling.svm import LinearSVMs, MiningImage, mean_norm_scale, train_svms
-from spp_detect.structures import box_iou
+from spp_detect.modeling.svm import LinearSVMs, mean_norm_scale
+from spp_detect.training.bbox_training import BoxRegressionTrainer
 from spp_detect.training.finetune import TrainingImage
+from spp_detect.training.svm_training import MiningImage, SVMSolver, train_svms
 from spp_detect.training.window_features import all_rows
 
 __all__ = ["train_svms_and_regressors", "class_ious"]
@@ -51,7 +54,7 @@ def _fc7(detector, pooled: Tensor) -> Tensor:
 
 def train_svms_and_regressors(
     detector, source, images: Sequence[TrainingImage], config: DetectorConfig
-) -> Tuple[LinearSVMs, BoxRegressor, Dict[str, Any]]:
+) -> Tuple[LinearSVMs, Optional[BoxRegressor], Dict[str, Any]]:
     """Train the SVMs and box regressors of ``detector`` (head in eval mode).
 
     Args:
@@ -59,7 +62,8 @@ def train_svms_and_regressors(
         source: training window features prepared on ``images`` (``rows(i, idx)``).
         images: ground truths first, then proposals, per image.
     Returns:
-        ``(svms, bbox_regressor, stats)``.
+        ``(svms, bbox_regressor, stats)``; the regressor is None when ``config.bbox_reg`` is
+        disabled or no window overlaps a ground truth enough.
     """
     detector.eval()
     k = detector.num_classes
@@ -87,11 +91,9 @@ def train_svms_and_regressors(
     positives = (torch.cat(pos_feats), torch.cat(pos_labels))
     fc7_sample = torch.cat(fc7_sample)
     bbox_scale = mean_norm_scale(torch.cat(pooled_sample), config.svm.feature_norm)
-
-    bbox_feats: List[Tensor] = []
-    bbox_boxes: List[Tensor] = []
-    bbox_gt: List[Tensor] = []
-    bbox_labels: List[Tensor] = []
+    bbox = BoxRegressionTrainer.from_config(
+        config.bbox_reg, max_per_image=_BBOX_MAX_PER_IMAGE, seed=config.finetune.seed
+    )
 
     def stream() -> Iterator[MiningImage]:
         for i, im in enumerate(tqdm(images, desc="SVM mining + bbox", unit="img", leave=False)):
@@ -102,16 +104,8 @@ def train_svms_and_regressors(
             is_gt = torch.zeros(windows.shape[0], dtype=torch.bool, device=feats.device)
             is_gt[:g] = True
             ious = class_ious(windows, im.gt_boxes, im.gt_labels, k)
-            if g and config.bbox_reg.enabled:
-                iou = box_iou(windows, im.gt_boxes.to(windows))
-                best, match = iou.max(dim=1)
-                sel = torch.nonzero(best > config.bbox_reg.iou_thresh).flatten()
-                if sel.numel() > _BBOX_MAX_PER_IMAGE:
-                    sel = sel[torch.randperm(sel.numel())[:_BBOX_MAX_PER_IMAGE]]
-                bbox_feats.append(pooled[sel].half().cpu())
-                bbox_boxes.append(windows[sel].cpu())
-                bbox_gt.append(im.gt_boxes[match[sel].cpu()])
-                bbox_labels.append(im.gt_labels[match[sel].cpu()])
+            if config.bbox_reg.enabled:
+                bbox.add_image(pooled, windows, im.gt_boxes, im.gt_labels)
             yield MiningImage(feats, ious, is_gt, im.gt_labels.to(feats.device), windows)
 
     s = config.svm
@@ -120,32 +114,19 @@ def train_svms_and_regressors(
         k,
         positives=positives,
         feature_scale=fc7_sample,
-        num_images=len(images),
-        C=s.C,
-        pos_weight=s.pos_weight,
-        bias_multiplier=s.bias_multiplier,
+        solver=SVMSolver(C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier),
         feature_norm=s.feature_norm,
         neg_iou_thresh=s.neg_iou_thresh,
         dedup_negatives=s.dedup_negatives,
         neg_overlap=s.neg_overlap,
         hard_thresh=s.hard_thresh,
         easy_thresh=s.easy_thresh,
-        retrain_every=s.retrain_every,
+        retrain_limit=s.retrain_limit,
     )
-    regressor = BoxRegressor(
-        k, lambda_=config.bbox_reg.lambda_, iou_thresh=config.bbox_reg.iou_thresh
-    )
-    stats: Dict[str, Any] = {"bbox_samples": 0}
-    if config.bbox_reg.enabled and bbox_feats:
-        feats = torch.cat(bbox_feats).float()
-        regressor.fit(
-            feats,
-            torch.cat(bbox_boxes),
-            torch.cat(bbox_gt),
-            torch.cat(bbox_labels),
-            feature_scale=bbox_scale,
-        )
-        stats["bbox_samples"] = int(feats.shape[0])
+    regressor = bbox.fit(k, feature_scale=bbox_scale) if config.bbox_reg.enabled else None
+    stats: Dict[str, Any] = {"bbox_samples": bbox.num_samples if regressor is not None else 0}
     stats["svm_trained"] = [bool(t) for t in svms.trained.tolist()]
     logger.info("SVMs trained; box regression on %d windows", stats["bbox_samples"])
-    return svms.to(detector.device), regressor.to(detector.device), stats
+    if regressor is not None:
+        regressor = regressor.to(detector.device)
+    return svms.to(detector.device), regressor, stats
