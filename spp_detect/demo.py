@@ -9,8 +9,9 @@ Stages (each logged as it starts, each reusing what an earlier run of the same f
    (``configs/toy.yaml``: fine-tuning of fc6/fc7/fc8, SVMs, box regression; sec. 4.1);
 4. VOC07 evaluation on the test split (11-point AP per class);
 5. ``detect`` over the test images, with annotated copies;
-6. a short speed comparison with R-CNN on the same images and windows (``engine.benchmark``;
-   R-CNN timed on its first windows and extrapolated, so that it takes seconds, not minutes).
+6. a short speed comparison with R-CNN on the same images and windows
+   (``benchmark.speed_report``; R-CNN timed on its first windows and extrapolated, so that it
+   takes seconds, not minutes).
 
 Everything goes under one folder; ``demo_summary.json`` lists where.
 """
@@ -20,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
+from spp_detect.errors import UserInputError
 from spp_detect.utils import atomic_write_json
 
 __all__ = [
@@ -36,7 +39,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TOY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+# The package's own toy configuration (spp_detect/configs/toy.yaml).
+TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
 # --quick: a smoke run (a fraction of the default's time), not a meaningful mAP.
 QUICK_OVERRIDES = ("proposals.max_proposals=500", "finetune.iterations=100")
@@ -47,9 +51,13 @@ QUICK_SIZES = (16, 8)
 _NUM_STAGES = 6
 
 
-def _stage(k: int, text: str) -> float:
+@contextmanager
+def _stage(seconds: Dict[str, float], key: str, k: int, text: str) -> Iterator[None]:
+    """Log stage ``k`` as it starts and record its wall time in ``seconds[key]``."""
     logger.info("[demo %d/%d] %s", k, _NUM_STAGES, text)
-    return time.perf_counter()
+    t = time.perf_counter()
+    yield
+    seconds[key] = time.perf_counter() - t
 
 
 def _toy_dataset(root: Path, num_train: int, num_test: int, seed: int) -> Path:
@@ -70,6 +78,91 @@ def _toy_dataset(root: Path, num_train: int, num_test: int, seed: int) -> Path:
     return make_toy_voc(
         root, num_train=num_train, num_val=0, num_test=num_test, seed=seed, overwrite=True
     )
+
+
+def _check_args(
+    output_dir: Union[str, Path],
+    num_train: Optional[int],
+    num_test: Optional[int],
+    quick: bool,
+    bench_images: int,
+    rcnn_max_windows: int,
+) -> Tuple[Path, int, int]:
+    """The output folder and the image counts, or a ``UserInputError`` naming the argument."""
+    sizes = QUICK_SIZES if quick else DEFAULT_SIZES
+    num_train = sizes[0] if num_train is None else num_train
+    num_test = sizes[1] if num_test is None else num_test
+    if num_train < 1 or num_test < 1:
+        raise UserInputError(
+            f"--num-train and --num-test must be >= 1, got {num_train}, {num_test}"
+        )
+    if bench_images < 0 or rcnn_max_windows < 0:
+        raise UserInputError("--bench-images and --rcnn-max-windows must be >= 0")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"{out}: exists and is not a folder")
+    return out, num_train, num_test
+
+
+def _data_stages(
+    out: Path, config, num_train: int, num_test: int, seed: int, seconds: Dict[str, float]
+) -> Tuple[Any, Any, Dict[str, Any]]:
+    """Stages 1 and 2: the toy dataset (train and test ``VOCDataset``) and its proposals;
+    returns the test split's proposals too."""
+    from spp_detect.datasets.voc import VOCDataset
+    from spp_detect.inference.dataset import dataset_proposals
+
+    data_root, cache_dir = out / "data", out / "cache"
+    text = f"generating the toy VOC dataset ({num_train} train, {num_test} test images)"
+    with _stage(seconds, "dataset", 1, text):
+        _toy_dataset(data_root, num_train, num_test, seed)
+        train_set = VOCDataset(data_root, year="2007", split="train")
+        test_set = VOCDataset(
+            data_root, year="2007", split="test", class_names=train_set.class_names
+        )
+    p = config.proposals
+    text = (
+        f"selective search proposals ({p.mode}, up to {p.max_proposals} per image, "
+        f"{config.workers} jobs)"
+    )
+    with _stage(seconds, "proposals", 2, text):
+        dataset_proposals(train_set, config, cache_dir)
+        test_proposals = dataset_proposals(test_set, config, cache_dir)
+    return train_set, test_set, test_proposals
+
+
+def _speed_stage(
+    out: Path,
+    config,
+    model_path: Path,
+    device: Optional[str],
+    bench_images: int,
+    rcnn_max_windows: int,
+    seconds: Dict[str, float],
+) -> Optional[Dict[str, Any]]:
+    """Stage 6: SPP-net (one scale) against R-CNN on the first test images; None if skipped."""
+    if bench_images == 0:
+        logger.info("[demo %d/%d] speed comparison skipped (--bench-images 0)", 6, _NUM_STAGES)
+        return None
+    from spp_detect.benchmark.speed_report import SpeedSettings, run_speed_report
+
+    text = (
+        f"speed comparison with R-CNN on {bench_images} test images (R-CNN timed on "
+        f"{rcnn_max_windows} windows per image, extrapolated)"
+    )
+    with _stage(seconds, "speed", 6, text):
+        settings = SpeedSettings(
+            methods=("spp-1scale", "rcnn"),
+            num_images=bench_images,
+            warmup=1,
+            rcnn_max_windows=rcnn_max_windows,
+            single_scale=tuple(config.model.scales),
+        )
+        return run_speed_report(
+            out / "data", out / "speed", year="2007", split="test", config=config,
+            settings=settings, model=model_path, device=device,
+            cache_dir=out / "cache" / "proposals",
+        )  # fmt: skip
 
 
 def run_demo(
@@ -106,122 +199,94 @@ def run_demo(
         The summary written to ``demo_summary.json``: ``mAP``, ``AP``, ``speedup``, per-stage
         ``seconds`` and the ``outputs`` paths.
     """
-    import torch
-
     from spp_detect.config import load_config
-    from spp_detect.datasets.voc import VOCDataset
-    from spp_detect.evaluation.plots import format_ap_table
+    from spp_detect.inference.dataset import test_detector
     from spp_detect.inference.folder import detect_folder
-    from spp_detect.inference.dataset import dataset_proposals, test_detector
     from spp_detect.training.train import train_detector
 
-    sizes = QUICK_SIZES if quick else DEFAULT_SIZES
-    num_train = sizes[0] if num_train is None else num_train
-    num_test = sizes[1] if num_test is None else num_test
-    if num_train < 1 or num_test < 1:
-        raise ValueError(f"--num-train and --num-test must be >= 1, got {num_train}, {num_test}")
-    if bench_images < 0 or rcnn_max_windows < 0:
-        raise ValueError("--bench-images and --rcnn-max-windows must be >= 0")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder")
+    out, num_train, num_test = _check_args(
+        output_dir, num_train, num_test, quick, bench_images, rcnn_max_windows
+    )
     config = load_config(TOY_CONFIG, (QUICK_OVERRIDES if quick else ()) + tuple(overrides))
-    data_root, cache_dir = out / "data", out / "cache"
+    cache_dir = out / "cache"
     seconds: Dict[str, float] = {}
     t_all = time.perf_counter()
-
-    t = _stage(1, f"generating the toy VOC dataset ({num_train} train, {num_test} test images)")
-    _toy_dataset(data_root, num_train, num_test, seed)
-    train_set = VOCDataset(data_root, year="2007", split="train")
-    test_set = VOCDataset(data_root, year="2007", split="test", class_names=train_set.class_names)
-    seconds["dataset"] = time.perf_counter() - t
-
-    t = _stage(
-        2,
-        f"selective search proposals ({config.proposals.mode}, up to "
-        f"{config.proposals.max_proposals} per image, {config.workers} jobs)",
+    train_set, test_set, test_proposals = _data_stages(
+        out, config, num_train, num_test, seed, seconds
     )
-    dataset_proposals(train_set, config, cache_dir)
-    test_proposals = dataset_proposals(test_set, config, cache_dir)
-    seconds["proposals"] = time.perf_counter() - t
-
-    t = _stage(
-        3,
-        f"training SPP-net ({config.model.backbone}, scales {list(config.model.scales)}, "
-        f"fc {config.model.hidden}): fine-tuning, SVMs, box regression",
+    m = config.model
+    text = f"training SPP-net ({m.backbone}, scales {list(m.scales)}, fc {m.hidden}): " + (
+        "fine-tuning, SVMs, box regression"
     )
-    train_log = train_detector(
-        train_set, out / "model", config, method="spp", device=device, pretrained=True,
-        cache_dir=cache_dir,
-    )  # fmt: skip
-    model_path = Path(train_log["model"])
-    seconds["train"] = time.perf_counter() - t
-
-    t = _stage(4, f"evaluating on the {len(test_set)} test images (VOC07 11-point AP)")
-    metrics = test_detector(
-        model_path, test_set, out / "eval", device=device, cache_dir=cache_dir, use_07_metric=True
-    )
-    table = format_ap_table(metrics)
-    seconds["eval"] = time.perf_counter() - t
-
-    t = _stage(5, "detect on the test images (annotated copies; the cached proposals)")
-    det_summary = detect_folder(
-        model_path, [r.path for r in test_set.records], out / "detections",
-        score_thresh=score_thresh, device=device, jobs=max(1, config.workers),
-        exist_ok=True, proposals=test_proposals,
-    )  # fmt: skip
-    seconds["detect"] = time.perf_counter() - t
-
-    speed: Optional[Dict[str, Any]] = None
-    if bench_images > 0:
-        from spp_detect.benchmark.speed_report import SpeedSettings, run_speed_report
-
-        t = _stage(
-            6,
-            f"speed comparison with R-CNN on {bench_images} test images (R-CNN timed on "
-            f"{rcnn_max_windows} windows per image, extrapolated)",
-        )
-        settings = SpeedSettings(
-            methods=("spp-1scale", "rcnn"),
-            num_images=bench_images,
-            warmup=1,
-            rcnn_max_windows=rcnn_max_windows,
-            single_scale=tuple(config.model.scales),
-        )
-        speed = run_speed_report(
-            data_root, out / "speed", year="2007", split="test", config=config,
-            settings=settings, model=model_path, device=device,
-            cache_dir=cache_dir / "proposals",
+    with _stage(seconds, "train", 3, text):
+        train_log = train_detector(
+            train_set, out / "model", config, method="spp", device=device, pretrained=True,
+            cache_dir=cache_dir,
         )  # fmt: skip
-        seconds["speed"] = time.perf_counter() - t
-    else:
-        logger.info("[demo %d/%d] speed comparison skipped (--bench-images 0)", 6, _NUM_STAGES)
+        model_path = Path(train_log["model"])
+    text = f"evaluating on the {len(test_set)} test images (VOC07 11-point AP)"
+    with _stage(seconds, "eval", 4, text):
+        metrics = test_detector(
+            model_path, test_set, out / "eval", device=device, cache_dir=cache_dir,
+            use_07_metric=True,
+        )  # fmt: skip
+    with _stage(seconds, "detect", 5, "detect on the test images (annotated copies)"):
+        det_summary = detect_folder(
+            model_path, [r.path for r in test_set.records], out / "detections",
+            score_thresh=score_thresh, device=device, jobs=max(1, config.workers),
+            exist_ok=True, proposals=test_proposals,
+        )  # fmt: skip
+    speed = _speed_stage(out, config, model_path, device, bench_images, rcnn_max_windows, seconds)
     seconds["total"] = time.perf_counter() - t_all
+    settings = {
+        "num_train": num_train,
+        "num_test": num_test,
+        "quick": quick,
+        "seed": seed,
+        "device": device,
+        "score_thresh": score_thresh,
+        "config": config.to_dict(),
+    }
+    summary = _summary(
+        out, model_path, metrics, det_summary, speed, rcnn_max_windows, seconds, settings
+    )
+    atomic_write_json(out / "demo_summary.json", summary)
+    logger.info("demo finished in %.0f s", seconds["total"])
+    return summary
 
-    summary: Dict[str, Any] = {
+
+def _summary(
+    out: Path,
+    model_path: Path,
+    metrics: Dict[str, Any],
+    det_summary: Dict[str, Any],
+    speed: Optional[Dict[str, Any]],
+    rcnn_max_windows: int,
+    seconds: Dict[str, float],
+    settings: Dict[str, Any],
+) -> Dict[str, Any]:
+    """What ``demo_summary.json`` holds (see ``run_demo``)."""
+    import torch
+
+    from spp_detect.evaluation.plots import format_ap_table
+
+    device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {
         "mAP": metrics["mAP"],
         "metric": metrics.get("metric"),
         "AP": metrics["AP"],
-        "ap_table": table,
+        "ap_table": format_ap_table(metrics),
         "speedup": None if speed is None else speed["speedup"].get("spp-1scale"),
-        "seconds_per_image": None
-        if speed is None
-        else {m: s["total"] for m, s in speed["methods"].items()},
+        "seconds_per_image": (
+            None if speed is None else {m: s["total"] for m, s in speed["methods"].items()}
+        ),
         "rcnn_extrapolated_from_windows": rcnn_max_windows if speed is not None else None,
         "detect": {k: det_summary[k] for k in ("images", "processed", "skipped", "detections")},
         "seconds": seconds,
-        "settings": {
-            "num_train": num_train,
-            "num_test": num_test,
-            "quick": quick,
-            "seed": seed,
-            "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
-            "score_thresh": score_thresh,
-            "config": config.to_dict(),
-        },
+        "settings": {**settings, "device": str(device)},
         "outputs": {
             "folder": str(out),
-            "dataset": str(data_root / "VOC2007"),
+            "dataset": str(out / "data" / "VOC2007"),
             "model": str(model_path),
             "metrics": str(out / "eval" / "metrics.json"),
             "detections": det_summary["outputs"]["detections"],
@@ -230,9 +295,6 @@ def run_demo(
             "summary": str(out / "demo_summary.json"),
         },
     }
-    atomic_write_json(out / "demo_summary.json", summary)
-    logger.info("demo finished in %.0f s", seconds["total"])
-    return summary
 
 
 def format_demo_report(summary: Dict[str, Any]) -> str:

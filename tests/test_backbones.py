@@ -247,12 +247,8 @@ def test_preprocess_normalises_hand_worked_pixels():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["zf5", "efficientnet_lite0"])
-def test_backbone_cuda_matches_cpu(name, monkeypatch):
-    # Full float32 on the GPU too (TF32 would differ by ~1e-3 relative).
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_backbone_cuda_matches_cpu(name, full_fp32_on_cuda):
     bb = _backbone(name)
     x = torch.randn(2, 3, 67, 101)
     with torch.no_grad():

@@ -159,7 +159,7 @@ def test_state_dict_round_trip():
     assert reg.predict_all(feats[:0], boxes[:0]).shape == (0, 2, 4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     feats, boxes, gt, labels, _ = make_regression_data(80, 5, 2, seed=9, noise=0.05)
     reg = fit_box_regressor(feats.float(), boxes.float(), gt.float(), labels, 2)

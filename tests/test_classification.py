@@ -11,15 +11,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-import spp_detect.training.image_classification as cls_engine
-from spp_detect.datasets.toy_cls import TOY_CLASSES, make_toy_cls
+import spp_detect.training.image_classification as image_classification
+from spp_detect.datasets.toy_cls import make_toy_cls
+from spp_detect.datasets.toy_voc import TOY_CLASSES
+from spp_detect.modeling.backbones import build_backbone
+from spp_detect.modeling.spp_classifier import SPPClassifier, load_classifier, save_classifier
 from spp_detect.training.image_classification import (
     _SizeGroupedBatches,
     evaluate_classifier,
     evaluate_folder,
 )
-from spp_detect.modeling.backbones import build_backbone
-from spp_detect.modeling.spp_classifier import SPPClassifier, load_classifier, save_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +146,7 @@ def test_train_classifier_tool_multi_size(tmp_path, monkeypatch):
             seen.append((self.training, tuple(images.shape[-2:])))
             return super().forward(images)
 
-    monkeypatch.setattr(cls_engine, "SPPClassifier", Recording)
+    monkeypatch.setattr(image_classification, "SPPClassifier", Recording)
     tool = _tool("train_classifier")
     out = tmp_path / "run"
     args = tool.get_args_parser().parse_args(
@@ -210,11 +211,7 @@ def test_train_classifier_tool_multi_size(tmp_path, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_spp_classifier_cuda_matches_cpu(monkeypatch):
-    # Full float32 on the GPU too (TF32 would differ by ~1e-3 relative).
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_spp_classifier_cuda_matches_cpu(full_fp32_on_cuda):
     model = _small_classifier().eval()
     x = torch.randn(2, 3, 70, 90)
     with torch.no_grad():

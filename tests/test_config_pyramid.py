@@ -49,6 +49,13 @@ def test_overrides_and_yaml(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_demo_reads_the_packaged_toy_config():
+    from spp_detect.demo import TOY_CONFIG
+
+    c = load_config(TOY_CONFIG)  # the file ships inside the package (spp_detect/configs)
+    assert c.model.backbone == "efficientnet_lite0" and c != DetectorConfig()
+
+
 def test_scale_factor():
     assert scale_factor((375, 500), 688) == pytest.approx(688 / 375)
     # Longer side capped at 2000: 100x1000 at scale 688 would be 6880 wide.

@@ -1,10 +1,12 @@
-"""SPPDetector pieces against independent references, and save/load."""
+"""SPPDetector pieces and the whole ``detect`` against independent references, the Predictor,
+and save/load."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import batched_nms, box_iou
 
 from spp_detect.config import DetectorConfig
 from spp_detect.modeling.box_regression import BoxRegressor
@@ -12,6 +14,7 @@ from spp_detect.modeling.build import build_detector, load_detector
 from spp_detect.modeling.pyramid import choose_scales
 from spp_detect.modeling.spp import SpatialPyramidPooling
 from spp_detect.modeling.svm import LinearSVMs
+from spp_detect.modeling.window_pool import pool_windows, project_windows
 
 
 def _config(scales=(64,), hidden=16, **test):
@@ -61,16 +64,19 @@ def test_pool_from_maps_matches_cropping_each_window():
     chosen = choose_scales(windows, factors)
     spp = SpatialPyramidPooling((6, 3, 2, 1))
     stride, c0 = det.backbone.stride, det.backbone.center_offset
+    d = 6.5  # the SPP_net code's inward move for ZF-5 (stride 16), in resized pixels
+    assert det.inward_offset == d
     for i in range(40):
         s = int(chosen[i])
         f = factors[s]
         fmap = maps[s]
         h, w = fmap.shape[-2:]
         x1, y1, x2, y2 = (windows[i] * f).double().tolist()
-        # Appendix A, written out independently: nearest cell centre, rounded inward.
-        left, top = np.floor((x1 - c0) / stride + 0.5), np.floor((y1 - c0) / stride + 0.5)
-        right = np.ceil((x2 - 1 - c0) / stride - 0.5)
-        bottom = np.ceil((y2 - 1 - c0) / stride - 0.5)
+        # Appendix A, written out independently: each edge moved d pixels inward, then to the
+        # nearest cell centre, rounded inward.
+        left, top = np.floor((x1 + d - c0) / stride + 0.5), np.floor((y1 + d - c0) / stride + 0.5)
+        right = np.ceil((x2 - 1 - d - c0) / stride - 0.5)
+        bottom = np.ceil((y2 - 1 - d - c0) / stride - 0.5)
         if left > right:
             left = right = (left + right) // 2
         if top > bottom:
@@ -108,8 +114,6 @@ def test_detect_keeps_per_class_nms():
     det = _detector(score_thresh=-1e9, max_per_image=1000)
     image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     d = det.detect(image, _windows(60, 64, 64, seed=3).numpy())
-    from torchvision.ops import box_iou
-
     for c in range(3):
         b = d.boxes[d.labels == c]
         if len(b) > 1:
@@ -134,12 +138,106 @@ def test_save_load_round_trip(tmp_path):
         load_detector(tmp_path / "missing.pt")
 
 
+def _hand_detect(det, image, windows):
+    """``detect`` composed by hand in float64 from the detector's weights, for one scale whose
+    resize factor is 1: conv5 -> appendix A projection -> window pyramid pooling -> fc6, fc7 ->
+    SVM margins (or softmax without background) -> R-CNN box deltas -> per-class NMS
+    (torchvision) -> per-class and per-image caps."""
+    cfg, model = det.config.test, det.config.model
+    h, w = image.shape[:2]
+    assert det.scale_factors((h, w)) == [1.0]
+    with torch.no_grad():
+        fmap = det.backbone(det.backbone.preprocess(image)[None])[0]
+    bb = det.backbone
+    cells = project_windows(windows, bb.stride, bb.center_offset, fmap.shape[-2:], 6.5)
+    pooled = pool_windows(fmap, cells, model.levels).double()
+    head = {k: v.double() for k, v in det.head.state_dict().items()}
+    fc6 = torch.relu(pooled * head["input_scale"] @ head["fc6.weight"].T + head["fc6.bias"])
+    fc7 = torch.relu(fc6 @ head["fc7.weight"].T + head["fc7.bias"])
+    if cfg.classifier == "svm":
+        svm = det.svms
+        scores = fc7 @ (svm.weight.double() * float(svm.feature_scale)).T + svm.bias.double()
+    else:
+        logits = fc7 @ head["cls_score.weight"].T + head["cls_score.bias"]
+        scores = torch.softmax(logits, dim=1)[:, 1:]  # column 0 is background
+    # Box regression: the regressor's linear map (identity whitening here), then R-CNN's
+    # transform: the centre moves by (dx * w, dy * h), the sides scale by exp(dw), exp(dh).
+    reg = det.bbox_regressor
+    weight = reg.weight.double()  # [K, D + 1, 4], the last row is the bias
+    deltas = torch.einsum("rd,kdf->rkf", pooled * float(reg.feature_scale), weight[:, :-1])
+    deltas = deltas + weight[:, -1]
+    win = windows.double()
+    size = win[:, 2:] - win[:, :2]
+    centre = win[:, :2] + 0.5 * size
+    new_centre = centre[:, None] + deltas[..., :2] * size[:, None]
+    new_size = size[:, None] * deltas[..., 2:].exp()
+    boxes = torch.cat([new_centre - 0.5 * new_size, new_centre + 0.5 * new_size], dim=2)
+    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float64))
+    labels = torch.arange(det.num_classes).expand_as(scores)
+    keep = scores > cfg.score_thresh
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    order = batched_nms(boxes, scores, labels, cfg.nms_thresh)  # by decreasing score
+    per_class = torch.tensor([int((labels[order[:i]] == labels[j]).sum()) for i, j in
+                              enumerate(order.tolist())], dtype=torch.long)  # fmt: skip
+    order = order[per_class < cfg.max_per_class][: cfg.max_per_image]
+    return boxes[order], scores[order], labels[order]
+
+
+def _assert_same_detections(d, ref):
+    boxes, scores, labels = ref
+    assert len(d) == len(labels) > 0
+    assert torch.equal(d.labels, labels)
+    torch.testing.assert_close(d.scores.double(), scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d.boxes.double(), boxes, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("max_per_class, max_per_image", [(100, 1000), (2, 5)])
+def test_detect_equals_the_hand_composition(max_per_class, max_per_image):
+    det = _detector(
+        score_thresh=0.0, nms_thresh=0.3, max_per_class=max_per_class, max_per_image=max_per_image
+    )
+    with torch.no_grad():  # bigger deltas than _detector's, so that regression visibly moves
+        det.bbox_regressor.weight.mul_(30)
+    image = np.random.default_rng(5).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    windows = _windows(50, 64, 80, seed=4)
+    ref = _hand_detect(det, image, windows)
+    d = det.detect(image, windows.numpy())
+    _assert_same_detections(d, ref)
+    assert d.image_size == (64, 80)
+    assert len(set(d.labels.tolist())) >= 2  # several NMS groups exercised
+    moved = box_iou(d.boxes, windows).max(dim=1).values
+    assert float(moved.min()) < 0.99  # box regression moved the windows
+
+
 def test_softmax_classifier_needs_no_svms():
-    det = _detector(classifier="softmax", score_thresh=0.0)
+    det = _detector(classifier="softmax", score_thresh=0.3, max_per_image=1000)
     det.svms = None
-    image = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
-    d = det.detect(image, _windows(10, 48, 48).numpy())
-    assert ((d.scores >= 0) & (d.scores <= 1)).all()
+    with torch.no_grad():  # a confident head, so that some windows clear the threshold
+        det.head.cls_score.weight.normal_(std=1.0)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    windows = _windows(40, 64, 64, seed=6)
+    d = det.detect(image, windows.numpy())
+    _assert_same_detections(d, _hand_detect(det, image, windows))
+    assert bool(((d.scores > 0.3) & (d.scores < 1)).all())
+
+
+def test_predictor_without_proposals_runs_selective_search():
+    from spp_detect.datasets.toy_voc import render_toy_image
+    from spp_detect.inference.predictor import Predictor
+    from spp_detect.proposals.selective_search import selective_search
+
+    det = _detector(scales=(96,), score_thresh=-1e9, max_per_image=1000)
+    config_before = det.config
+    image, _, _ = render_toy_image(np.random.default_rng(1), 128, 96)
+    settings = det.config.proposals
+    windows = selective_search(image, settings)
+    assert len(windows) > 10
+    d = Predictor(det)(image)
+    ref = det.detect(image, windows)
+    assert len(d) > 0
+    assert torch.equal(d.labels, ref.labels) and torch.equal(d.scores, ref.scores)
+    assert torch.equal(d.boxes, ref.boxes)
+    assert det.config is config_before  # the predictor configured a copy
 
 
 def test_truncated_svd_matches_low_rank_reference():

@@ -249,7 +249,7 @@ def test_detect_without_windows_is_empty(proposals):
     assert dets.image_size == (40, 50)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_detect_cuda_matches_cpu():
     det = tiny_rcnn()
     image = random_image(50, 70, seed=4)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from spp_detect.datasets.sampling import (
-    FinetuneSampler,
     add_gt_windows,
     label_windows,
     sample_minibatch,
@@ -116,21 +115,3 @@ def test_ignored_windows_never_sampled_and_reproducible():
     b = sample_minibatch(labels, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
     assert sample_minibatch(torch.full((5,), -1)).numel() == 0
-
-
-def test_finetune_sampler_covers_pool_before_repeating():
-    g = torch.Generator().manual_seed(4)
-    labels = pool(64, 960, 100, g)
-    sampler = FinetuneSampler(labels, seed=0)
-    batches = [sampler.sample() for _ in range(10)]
-    for b in batches:
-        assert b.numel() == 128 and b.unique().numel() == 128
-        assert (labels[b[:32]] > 0).all() and (labels[b[32:]] == 0).all()
-    fg = torch.cat([b[:32] for b in batches[:2]])
-    bg = torch.cat([b[32:] for b in batches])
-    assert sorted(fg.tolist()) == torch.nonzero(labels > 0).flatten().tolist()
-    assert sorted(bg.tolist()) == torch.nonzero(labels == 0).flatten().tolist()
-    # Wrapping into a new round never repeats a window inside one batch.
-    small = FinetuneSampler(pool(40, 150, 0, g), seed=1)
-    for _, b in zip(range(20), small):
-        assert b.unique().numel() == b.numel() == 128

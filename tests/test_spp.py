@@ -140,22 +140,12 @@ def test_spp_gradient_matches_loop():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_spp_low_precision(dtype):
+def test_spp_low_precision(dtype, device):
     gen = torch.Generator().manual_seed(2)
-    for height, width in [(1, 7), (5, 3), (17, 23)]:
-        x = torch.randn(2, 4, height, width, generator=gen).to(dtype)
-        out = SpatialPyramidPooling()(x)
-        assert out.dtype == dtype
-        # max pooling is exact: same values as the float64 loop on the same inputs
-        assert torch.equal(out, ref_spp(x.double(), (6, 3, 2, 1)).to(dtype))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_spp_cuda(dtype):
-    gen = torch.Generator().manual_seed(3)
-    for height, width in [(1, 1), (5, 3), (13, 13), (40, 27)]:
+    for height, width in [(1, 1), (1, 7), (5, 3), (17, 23), (40, 27)]:
         x = torch.randn(2, 8, height, width, generator=gen).to(dtype)
-        out = SpatialPyramidPooling()(x.cuda())
-        assert out.is_cuda and out.dtype == dtype
+        out = SpatialPyramidPooling()(x.to(device))
+        assert out.dtype == dtype and out.device.type == device.type
+        # Max pooling only selects values (no arithmetic), so in any dtype it equals the
+        # float64 loop on the same values bit for bit: no tolerance is due.
         assert torch.equal(out.cpu(), ref_spp(x.double(), (6, 3, 2, 1)).to(dtype))

@@ -369,7 +369,7 @@ def test_state_dict_round_trip_and_errors():
         )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_scores_match_cpu():
     svms = trained_by_hand(5, 0.5, -0.25)
     x = torch.rand(9, 5)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spp_detect.cli_common import run_user_command
 from spp_detect.datasets import toy_voc
 from spp_detect.datasets.toy_voc import (
     TOY_CLASSES,
@@ -219,7 +220,7 @@ def test_bad_arguments(tmp_path):
         make_toy_voc(tmp_path, num_train=0, num_val=0, num_test=0)
 
 
-def test_tool_main(tmp_path):
+def test_tool_main(tmp_path, capsys):
     path = Path(__file__).resolve().parents[1] / "tools" / "make_toy_voc.py"
     spec = importlib.util.spec_from_file_location("make_toy_voc_tool", path)
     tool = importlib.util.module_from_spec(spec)
@@ -251,7 +252,11 @@ def test_tool_main(tmp_path):
         assert 120 <= w <= 160 and 120 <= h <= 160
         names |= {o["name"] for o in objs}
     assert names <= {"circle", "ring"}
-    assert tool._cli(["--output", str(tmp_path / "t")]) == 2  # exists: one line, exit 2
+    capsys.readouterr()
+    again = tool.get_args_parser().parse_args(["--output", str(tmp_path / "t")])
+    assert run_user_command(tool.main, again) == 2  # the dataset exists: a user error, exit 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(tmp_path / "t") in err
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ of them (32) positives, drawn from a pool of windows of many images.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -19,7 +19,6 @@ __all__ = [
     "label_windows",
     "add_gt_windows",
     "sample_minibatch",
-    "FinetuneSampler",
     "BACKGROUND",
     "IGNORE",
 ]
@@ -148,67 +147,3 @@ def sample_minibatch(
     fg = fg[torch.randperm(fg.numel(), generator=generator)[:n_fg]]
     bg = bg[torch.randperm(bg.numel(), generator=generator)[:n_bg]]
     return torch.cat([fg, bg]).to(labels.device)
-
-
-class FinetuneSampler:
-    """Endless stream of mini-batches over a fixed pool, each window used once per round.
-
-    Positives and background are walked through separately in random order (a fresh
-    permutation when one runs out), so every window is seen before any repeats, as the SPP_net
-    code does over its pool of many images' windows. Each batch has
-    ``min(round(fg_fraction * batch_size), #positives)`` positives and the rest background
-    (``min(., #background)``); a batch never holds the same window twice.
-
-    Args:
-        labels (LongTensor[P]): pool labels (``label_windows`` of every image, concatenated).
-        batch_size, fg_fraction: 128 and 0.25 (SPP-net sec. 4.1).
-        generator: torch RNG (CPU); or ``seed`` to make one.
-
-    Iterating yields LongTensor[B] indices into the pool (positives first).
-    """
-
-    def __init__(
-        self,
-        labels: Tensor,
-        batch_size: int = 128,
-        fg_fraction: float = 0.25,
-        generator: Optional[torch.Generator] = None,
-        seed: Optional[int] = None,
-    ) -> None:
-        if labels.ndim != 1:
-            raise ValueError(f"labels must be LongTensor[P], got shape {tuple(labels.shape)}")
-        if generator is None:
-            generator = torch.Generator()
-            generator.manual_seed(0 if seed is None else int(seed))
-        self.generator = generator
-        self.batch_size = int(batch_size)
-        cpu = labels.detach().cpu()
-        self._fg = torch.nonzero(cpu > 0).flatten()
-        self._bg = torch.nonzero(cpu == BACKGROUND).flatten()
-        self.num_fg = min(int(round(fg_fraction * batch_size)), self._fg.numel())
-        self.num_bg = min(self.batch_size - self.num_fg, self._bg.numel())
-        if self.num_fg + self.num_bg == 0:
-            raise ValueError("FinetuneSampler: the pool has no positive or background window")
-        self._fg_order = self._fg[:0]
-        self._bg_order = self._bg[:0]
-
-    def _take(self, pool: Tensor, order: Tensor, n: int) -> Tuple[Tensor, Tensor]:
-        """n indices from the running permutation, refilled without repeating within a batch."""
-        if order.numel() >= n:
-            return order[:n], order[n:]
-        head = order
-        fresh = pool[torch.randperm(pool.numel(), generator=self.generator)]
-        # Put the windows already taken from the old round last in the new one.
-        fresh = torch.cat([fresh[~torch.isin(fresh, head)], fresh[torch.isin(fresh, head)]])
-        need = n - head.numel()
-        return torch.cat([head, fresh[:need]]), fresh[need:]
-
-    def sample(self) -> Tensor:
-        """LongTensor[B]: the next mini-batch (positives first)."""
-        fg, self._fg_order = self._take(self._fg, self._fg_order, self.num_fg)
-        bg, self._bg_order = self._take(self._bg, self._bg_order, self.num_bg)
-        return torch.cat([fg, bg])
-
-    def __iter__(self) -> Iterator[Tensor]:
-        while True:
-            yield self.sample()

@@ -1,9 +1,10 @@
 """A small generated classification set in ImageFolder layout, for tests, CI and quick runs.
 
-``root/train/<class>/*.png`` and ``root/test/<class>/*.png``: one filled shape per image (circle,
-ring, square, triangle, cross, star) of random colour, size, rotation and stretch, on a noisy
-gradient background with thin clutter (lines, dots). Training images have a moderate aspect
-and the object near the middle, so the usual resize-256 / crop-224 training crop holds it;
+``root/train/<class>/*.png`` and ``root/test/<class>/*.png``: one filled shape per image (the
+classes of the toy detection set, ``toy_voc.TOY_CLASSES``: circle, square, triangle, star,
+cross, ring) of random colour, size, rotation and stretch, on a noisy gradient background
+with thin clutter (lines, dots). Training images have a moderate aspect and the object near
+the middle, so the usual resize-256 / crop-224 training crop holds it;
 test images come at many native sizes and aspect ratios (0.5 to 2) with the object anywhere,
 which is where evaluating the full image (what SPP allows, sec. 3) and a centre crop differ.
 """
@@ -19,11 +20,12 @@ from typing import Dict, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["TOY_CLASSES", "make_toy_cls", "render_toy_image"]
+from spp_detect.datasets.toy_voc import TOY_CLASSES
+from spp_detect.errors import UserInputError
+
+__all__ = ["make_toy_cls", "render_cls_image"]
 
 logger = logging.getLogger(__name__)
-
-TOY_CLASSES = ("circle", "ring", "square", "triangle", "cross", "star")
 
 # Per split: (short side range in pixels, aspect (w / h) range, object size as a fraction of
 # the short side, how far from the centre the object may be (fraction of the free room)).
@@ -62,13 +64,13 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> Tup
     return tuple(int(v) for v in c)
 
 
-def render_toy_image(
+def render_cls_image(
     class_name: str, rng: np.random.Generator, split: str = "train", scale: float = 1.0
 ) -> np.ndarray:
     """One image of ``class_name``: ``np.ndarray[H, W, 3]`` uint8 RGB, its size drawn for
     ``split`` and multiplied by ``scale`` (small images for fast tests)."""
     if class_name not in TOY_CLASSES:
-        raise ValueError(f"unknown toy class {class_name!r}; choose from {TOY_CLASSES}")
+        raise UserInputError(f"unknown toy class {class_name!r}; choose from {TOY_CLASSES}")
     p = _SPLITS[split]
     short = max(8, round(int(rng.integers(p["short"][0], p["short"][1] + 1)) * scale))
     aspect = math.exp(rng.uniform(math.log(p["aspect"][0]), math.log(p["aspect"][1])))
@@ -139,7 +141,7 @@ def make_toy_cls(
     """
     root = Path(root)
     if num_train < 1 or num_test < 1:
-        raise ValueError(f"num_train and num_test must be >= 1, got {num_train}, {num_test}")
+        raise UserInputError(f"num_train and num_test must be >= 1, got {num_train}, {num_test}")
     counts: Dict[str, int] = {"train": int(num_train), "test": int(num_test)}
     for split_id, (split, n) in enumerate(counts.items()):
         for class_id, name in enumerate(classes):
@@ -147,7 +149,7 @@ def make_toy_cls(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 rng = np.random.default_rng([seed, split_id, class_id, i])
-                image = render_toy_image(name, rng, split, scale)
+                image = render_cls_image(name, rng, split, scale)
                 Image.fromarray(image).save(folder / f"{name}_{i:04d}.png")
     meta = {
         "classes": list(classes),

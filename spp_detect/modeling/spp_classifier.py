@@ -10,9 +10,10 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from spp_detect.utils import atomic_torch_save
+from spp_detect.errors import UserInputError
 from spp_detect.modeling.backbones import Backbone, build_backbone
 from spp_detect.modeling.spp import SpatialPyramidPooling
+from spp_detect.serialization import load_file, save_file
 
 __all__ = ["SPPClassifier", "CLASSIFIER_FORMAT", "save_classifier", "load_classifier"]
 
@@ -94,7 +95,8 @@ def save_classifier(
     class_names: Optional[Sequence[str]] = None,
     extra: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write ``{"format", "config", "class_names", "model": state_dict, **extra}`` atomically.
+    """Write ``{"format", "config", "class_names", "model": state_dict, **extra}`` atomically
+    (plain types and tensors only: ``extra`` must hold nothing else).
 
     The file also serves as ``build_backbone(name, pretrained=path)`` (its ``backbone.`` keys).
     """
@@ -106,18 +108,14 @@ def save_classifier(
         "model": state,
         **(extra or {}),
     }
-    atomic_torch_save(obj, path)
-    return Path(path)
+    return save_file(obj, path)
 
 
 def load_classifier(path: Union[str, Path], map_location: str = "cpu") -> SPPClassifier:
     """Rebuild an ``SPPClassifier`` saved by ``save_classifier`` (eval mode; ``.class_names``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: classifier file not found")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    obj = load_file(path, what="classifier file", map_location=map_location)
     if not isinstance(obj, dict) or obj.get("format") != CLASSIFIER_FORMAT:
-        raise ValueError(f"{path}: not an spp_detect classifier ({CLASSIFIER_FORMAT})")
+        raise UserInputError(f"{path}: not an spp_detect classifier ({CLASSIFIER_FORMAT})")
     cfg = obj["config"]
     backbone = build_backbone(cfg["backbone"], pretrained=False, **cfg["build_kwargs"])
     model = SPPClassifier(

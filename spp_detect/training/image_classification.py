@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from spp_detect.modeling.backbones import build_backbone
+from spp_detect.errors import UserInputError
+from spp_detect.modeling.backbones import BACKBONE_SPECS, build_backbone
 from spp_detect.modeling.spp_classifier import SPPClassifier, save_classifier
 from spp_detect.utils import atomic_write_json, resolve_device
 
@@ -78,7 +79,7 @@ def _split_dir(root: Path, names: Sequence[str]) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise ValueError(
+    raise UserInputError(
         f"{root}: no {' or '.join(n + '/' for n in names)} folder (ImageFolder layout)"
     )
 
@@ -89,7 +90,7 @@ def _image_folder(root: Path, transform):
     try:
         return ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:  # empty class folders, no images
-        raise ValueError(f"{root}: not a usable ImageFolder ({exc})") from exc
+        raise UserInputError(f"{root}: not a usable ImageFolder ({exc})") from exc
 
 
 def _transforms(crop: int, mean, std, train: bool):
@@ -175,7 +176,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device, desc: str)
         c1, ck = _topk_correct(logits.cpu(), labels, k)
         n, top1, topk = n + len(labels), top1 + c1, topk + ck
     if n == 0:
-        raise ValueError("evaluation set is empty")
+        raise UserInputError("evaluation set is empty")
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "k": k, "num_images": n}
 
 
@@ -200,7 +201,9 @@ def evaluate_folder(
         Path(folder), _FullImage(bb.mean, bb.std, bb.min_input_size, full_min_side)
     )
     if class_names is not None and list(full_set.classes) != list(class_names):
-        raise ValueError(f"{folder}: classes {full_set.classes} differ from {list(class_names)}")
+        raise UserInputError(
+            f"{folder}: classes {full_set.classes} differ from {list(class_names)}"
+        )
     crop_set = _image_folder(Path(folder), _transforms(crop, bb.mean, bb.std, False))
     # Images of one original size have one processed size: group by the header's size.
     sizes = _image_sizes(full_set)
@@ -267,6 +270,58 @@ def _train_epoch(model, loader, optimizer, scheduler, size, crop, device, freeze
     return total_loss / max(n, 1), 100.0 * correct / max(n, 1)
 
 
+def _check_settings(cfg: ClassifierTrainConfig) -> Tuple[int, ...]:
+    sizes = tuple(int(s) for s in cfg.sizes)
+    if not sizes or min(sizes) < 1 or cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UserInputError(f"need sizes >= 1, epochs >= 1, batch_size >= 1; got {cfg}")
+    if not Path(cfg.data).is_dir():
+        raise UserInputError(f"{cfg.data}: dataset folder not found")
+    return sizes
+
+
+def _build_model(
+    cfg: ClassifierTrainConfig, sizes: Tuple[int, ...], num_classes: int, backbone
+) -> SPPClassifier:
+    if min(sizes) < backbone.min_input_size:
+        raise UserInputError(f"--sizes {sizes}: {cfg.backbone} needs >= {backbone.min_input_size}")
+    model = SPPClassifier(backbone, num_classes, cfg.levels, cfg.hidden, cfg.dropout)
+    if cfg.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    return model
+
+
+def _fit(
+    model: SPPClassifier,
+    loader: DataLoader,
+    cfg: ClassifierTrainConfig,
+    sizes: Tuple[int, ...],
+    device: torch.device,
+) -> List[Dict[str, Any]]:
+    """SGD with cosine decay, one size per epoch; returns the per-epoch history."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * len(loader))
+    history = []
+    for epoch in range(cfg.epochs):
+        size = sizes[epoch % len(sizes)]  # one size per epoch, alternating (sec. 3.2)
+        t = time.perf_counter()
+        desc = f"epoch {epoch + 1}/{cfg.epochs} @{size}"
+        loss, acc = _train_epoch(
+            model, loader, optimizer, scheduler, size, sizes[0], device, cfg.freeze_backbone, desc
+        )
+        seconds = time.perf_counter() - t
+        history.append(
+            {"epoch": epoch + 1, "size": size, "loss": loss, "train_top1": acc, "seconds": seconds}
+        )
+        logger.info(
+            "epoch %d/%d size %d: loss %.4f, train top-1 %.1f%% (%.1fs)",
+            epoch + 1, cfg.epochs, size, loss, acc, seconds,
+        )  # fmt: skip
+    return history
+
+
 def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     """Train and evaluate; writes ``output/metrics.json`` and ``output/model.pth``.
 
@@ -274,21 +329,15 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
         The metrics dict: ``full_image`` and ``center_crop`` (``top1``, ``top5`` in percent,
         ``k`` = min(5, classes)), the per-epoch ``history``, timings and the run settings.
     """
-    sizes = tuple(int(s) for s in cfg.sizes)
-    if not sizes or min(sizes) < 1 or cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(f"need sizes >= 1, epochs >= 1, batch_size >= 1; got {cfg}")
+    sizes = _check_settings(cfg)
     root, out = Path(cfg.data), Path(cfg.output)
-    if not root.is_dir():
-        raise ValueError(f"{root}: dataset folder not found")
     generator = _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-
     pretrained = cfg.pretrained
     if pretrained is None:  # ImageNet weights wherever they exist (none for ZF-5)
-        pretrained = cfg.backbone != "zf5"
+        spec = BACKBONE_SPECS.get(cfg.backbone)  # an unknown name: build_backbone says so
+        pretrained = spec is not None and spec.weights is not None
     backbone = build_backbone(cfg.backbone, pretrained=pretrained, **cfg.backbone_kwargs)
-    if min(sizes) < backbone.min_input_size:
-        raise ValueError(f"--sizes {sizes}: {cfg.backbone} needs >= {backbone.min_input_size}")
 
     crop = sizes[0]
     train_set = _image_folder(
@@ -297,16 +346,8 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     test_dir = _split_dir(root, ["test", "val"])
     class_names = train_set.classes
     if _image_folder(test_dir, None).classes != class_names:  # fail before training, not after
-        raise ValueError(f"{test_dir}: classes differ from the train/ classes {class_names}")
-
-    model = SPPClassifier(backbone, len(class_names), cfg.levels, cfg.hidden, cfg.dropout)
-    model.to(device)
-    if cfg.freeze_backbone:
-        model.backbone.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+        raise UserInputError(f"{test_dir}: classes differ from the train/ classes {class_names}")
+    model = _build_model(cfg, sizes, len(class_names), backbone).to(device)
     loader = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
@@ -315,64 +356,20 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
         generator=generator,
         drop_last=len(train_set) > cfg.batch_size,
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * len(loader))
     logger.info(
         "%s SPP classifier: %d classes, %d train images, test %s, sizes %s, %d epochs on %s",
-        cfg.backbone,
-        len(class_names),
-        len(train_set),
-        test_dir,
-        sizes,
-        cfg.epochs,
-        device,
-    )
+        cfg.backbone, len(class_names), len(train_set), test_dir, sizes, cfg.epochs, device,
+    )  # fmt: skip
 
-    history, t0 = [], time.perf_counter()
-    for epoch in range(cfg.epochs):
-        size = sizes[epoch % len(sizes)]  # one size per epoch, alternating (sec. 3.2)
-        t = time.perf_counter()
-        loss, acc = _train_epoch(
-            model,
-            loader,
-            optimizer,
-            scheduler,
-            size,
-            crop,
-            device,
-            cfg.freeze_backbone,
-            f"epoch {epoch + 1}/{cfg.epochs} @{size}",
-        )
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "size": size,
-                "loss": loss,
-                "train_top1": acc,
-                "seconds": time.perf_counter() - t,
-            }
-        )
-        logger.info(
-            "epoch %d/%d size %d: loss %.4f, train top-1 %.1f%% (%.1fs)",
-            epoch + 1,
-            cfg.epochs,
-            size,
-            loss,
-            acc,
-            history[-1]["seconds"],
-        )
+    t0 = time.perf_counter()
+    history = _fit(model, loader, cfg, sizes, device)
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     evaluation = evaluate_folder(
-        model,
-        test_dir,
-        crop,
-        cfg.full_min_side,
-        cfg.eval_batch_size,
-        device,
-        cfg.workers,
+        model, test_dir, crop, cfg.full_min_side, cfg.eval_batch_size, device, cfg.workers,
         class_names,
-    )
+    )  # fmt: skip
     metrics: Dict[str, Any] = {
         **evaluation,
         "history": history,
@@ -389,6 +386,13 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
             "device": str(device),
         },
     }
+    _write_outputs(model, out, class_names, metrics)
+    return metrics
+
+
+def _write_outputs(
+    model: SPPClassifier, out: Path, class_names: Sequence[str], metrics: Dict[str, Any]
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_classifier(model, out / "model.pth", class_names, {"metrics": _plain(metrics)})
     atomic_write_json(out / "metrics.json", metrics)
@@ -398,7 +402,6 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
         metrics["center_crop"]["top1"],
         out / "metrics.json",
     )
-    return metrics
 
 
 def _plain(obj: Any) -> Any:
