@@ -131,6 +131,9 @@ class FinetuneConfig:
     # the pool holds this many mini-batches' worth of windows and is refilled when used up (the
     # SPP_net code fills its pool with 10x the windows it needs).
     pool_batches: int = 10
+    # Write a resumable checkpoint (head, optimizer, iteration, RNGs) at most this often, in
+    # seconds (detectron2's PeriodicCheckpointer); a killed run continues from it.
+    checkpoint_seconds: float = 300.0
     # Training picks a random scale per window (the SPP_net code); False: the test-time rule.
     random_scale: bool = True
     # Skip fine-tuning entirely (use the fc layers as initialised; for ablations).

@@ -22,21 +22,24 @@ __all__ = ["check_plain", "load_file", "save_file"]
 
 PathLike = Union[str, Path]
 
-_SCALARS = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.Size)
+_SCALARS = (str, int, float, bool, type(None))
+_TORCH = (torch.Tensor, torch.dtype, torch.Size)
 
 
 def check_plain(obj: Any, where: str = "") -> None:
     """Raise ``TypeError`` (a bug in the caller) if ``obj`` holds anything but plain types and
     tensors, naming the first offending key path."""
-    if isinstance(obj, _SCALARS):
+    # Exact types: a numpy float64 is a float subclass but pickles as a numpy object, which
+    # ``weights_only`` loading refuses.
+    if type(obj) in _SCALARS or isinstance(obj, _TORCH):
         return
-    if isinstance(obj, dict):
+    if isinstance(obj, dict) and type(obj).__module__ in ("builtins", "collections"):
         for k, v in obj.items():
             if not isinstance(k, (str, int)):
                 raise TypeError(f"{where or 'object'}: key {k!r} is not a str or int")
             check_plain(v, f"{where}.{k}" if where else str(k))
         return
-    if isinstance(obj, (list, tuple)):
+    if type(obj) in (list, tuple):
         for i, v in enumerate(obj):
             check_plain(v, f"{where}[{i}]")
         return

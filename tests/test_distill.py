@@ -11,7 +11,7 @@ from torch import nn
 
 from spp_detect.config import DetectorConfig, DistillConfig
 from spp_detect.datasets.records import ImageRecord
-from spp_detect.modeling.backbones import ImageNetModel, build_backbone, build_imagenet_model
+from spp_detect.modeling.backbones import ImageNetModel, build_imagenet_model
 from spp_detect.modeling.build import build_detector
 from spp_detect.modeling.head import load_imagenet_fc
 from spp_detect.modeling.rcnn import context_windows, warp_windows

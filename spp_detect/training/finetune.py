@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,10 +24,12 @@ from tqdm import tqdm
 from spp_detect.config import FinetuneConfig
 from spp_detect.datasets.records import ImageRecord
 from spp_detect.datasets.sampling import BACKGROUND, label_windows
+from spp_detect.serialization import load_file, save_file
 
 __all__ = [
     "TrainingImage",
     "WindowPool",
+    "FinetuneCheckpoint",
     "make_training_images",
     "finetune_head",
     "num_iterations",
@@ -170,12 +173,52 @@ def _set_input_scale(head, source, images: Sequence[TrainingImage]) -> None:
     logger.info("fc6 input scale %.4g", head.set_input_scale(sample))
 
 
+class FinetuneCheckpoint:
+    """Everything fine-tuning needs to continue after a kill: head, optimizer, scheduler,
+    iteration, both RNGs, the torch global RNG (dropout) and the log so far (detectron2 /
+    fvcore ``PeriodicCheckpointer``). Written atomically at a pool boundary (so no drawn
+    mini-batch is lost) once ``every_seconds`` have passed since the last write.
+
+    Args:
+        path: the checkpoint file (``None``: no checkpoints).
+        key: what the run depends on (``train.py``'s fine-tuning key); a file with another
+            key is ignored.
+        every_seconds: minimum time between writes (0: at every pool boundary).
+    """
+
+    def __init__(self, path: Optional[Path], key: str, every_seconds: float = 300.0) -> None:
+        self.path, self.key, self.every = path, key, float(every_seconds)
+        self._last = time.monotonic()
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        if self.path is None or not Path(self.path).is_file():
+            return None
+        try:
+            state = load_file(self.path, what="fine-tuning checkpoint")
+        except ValueError as exc:  # unreadable (killed mid-write cannot happen: atomic)
+            logger.warning("%s; fine-tuning starts over", exc)
+            return None
+        return state if isinstance(state, dict) and state.get("key") == self.key else None
+
+    def maybe_save(self, state_fn, at_boundary: bool) -> None:
+        if self.path is None or not at_boundary:
+            return
+        if time.monotonic() - self._last >= self.every:
+            save_file(dict(state_fn(), key=self.key), self.path)
+            self._last = time.monotonic()
+
+
+def _rng_state(rng: np.random.Generator) -> Dict[str, Any]:
+    return rng.bit_generator.state
+
+
 def finetune_head(
     detector,
     source,
     images: Sequence[TrainingImage],
     cfg: FinetuneConfig,
     set_input_scale: bool = True,
+    checkpoint: Optional[FinetuneCheckpoint] = None,
 ) -> List[Dict[str, float]]:
     """SGD on fc6, fc7 and cls_score: mini-batches of 128 windows, 25% positives, drawn from
     the whole training set (``WindowPool``); lr steps by ``lr_step_factor`` after
@@ -187,6 +230,8 @@ def finetune_head(
         images: from ``make_training_images``.
         set_input_scale: set the fc6 input scale from the data (fc6/fc7 from random init);
             False keeps the one that came with pretrained or distilled fc6/fc7.
+        checkpoint: periodic checkpoints; a run killed at any point and started again with
+            the same inputs ends with the same head as an uninterrupted one.
     Returns:
         The log: one dict per logged interval (iteration, lr, loss, accuracy, seconds).
     """
@@ -203,38 +248,78 @@ def finetune_head(
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.lr_step_factor)
     if set_input_scale:
         _set_input_scale(head, source, images)
+    run = _Run(log=[], totals=np.zeros(3), start=0)
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        head.load_state_dict(saved["head"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        rng.bit_generator.state = saved["rng"]
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        run = _Run(
+            log=list(saved["log"]), totals=np.array(saved["totals"]), start=saved["iteration"]
+        )
+        logger.info("fine-tuning: resuming at iteration %d from %s", run.start, checkpoint.path)
+
+    def state() -> Dict[str, Any]:
+        return {
+            "iteration": it + 1,
+            "head": head.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _rng_state(rng),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "log": run.log,
+            "totals": run.totals.tolist(),
+        }
+
     head.train()
-    log: List[Dict[str, float]] = []
-    totals = np.zeros(3)  # loss * n, correct, n
     t0 = time.perf_counter()
     log_every = max(1, iterations // 20)
+    pool_size = max(1, cfg.pool_batches)
     batches = pool.batches()
-    bar = tqdm(range(iterations), desc="fine-tune fc6/fc7/cls_score", unit="it", leave=False)
+    bar = tqdm(
+        range(run.start, iterations), desc="fine-tune fc6/fc7/cls_score", unit="it", leave=False
+    )
     for it in bar:
         x, y = next(batches)
-        x, y = x.to(detector.device), y.to(detector.device)
-        _, logits = head(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        totals += (loss.item() * y.numel(), float((logits.argmax(1) == y).sum()), y.numel())
+        _sgd_step(head, opt, sched, x.to(detector.device), y.to(detector.device), run.totals)
         if (it + 1) % log_every == 0 or it + 1 == iterations:
-            entry = {
-                "iteration": it + 1,
-                "lr": lr,
-                "loss": totals[0] / totals[2],
-                "accuracy": totals[1] / totals[2],
-                "seconds": time.perf_counter() - t0,
-            }
-            log.append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.2f}")
-            logger.info(
-                "fine-tune it %d/%d lr %.1e loss %.4f acc %.3f",
-                *(it + 1, iterations, lr, entry["loss"], entry["accuracy"]),
-            )
-            totals[:] = 0
+            _log_interval(run, it + 1, iterations, lr, time.perf_counter() - t0, bar)
+        if checkpoint is not None:
+            checkpoint.maybe_save(state, at_boundary=(it + 1 - run.start) % pool_size == 0)
     head.eval()
-    return log
+    return run.log
+
+
+@dataclass
+class _Run:
+    log: List[Dict[str, float]]
+    totals: np.ndarray  # since the last log entry: loss * n, correct, n
+    start: int
+
+
+def _sgd_step(head, opt, sched, x: Tensor, y: Tensor, totals: np.ndarray) -> None:
+    _, logits = head(x)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    totals += (loss.item() * y.numel(), float((logits.argmax(1) == y).sum()), y.numel())
+
+
+def _log_interval(run: _Run, iteration: int, iterations: int, lr: float, seconds: float, bar):
+    t = run.totals
+    entry = {"iteration": iteration, "lr": float(lr)}
+    entry.update(loss=float(t[0] / t[2]), accuracy=float(t[1] / t[2]), seconds=float(seconds))
+    run.log.append(entry)
+    bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.2f}")
+    logger.info(
+        "fine-tune it %d/%d lr %.1e loss %.4f acc %.3f",
+        *(iteration, iterations, lr, entry["loss"], entry["accuracy"]),
+    )
+    t[:] = 0

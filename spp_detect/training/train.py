@@ -36,7 +36,12 @@ from spp_detect.errors import UserInputError
 from spp_detect.modeling.backbones import build_imagenet_model
 from spp_detect.modeling.head import load_imagenet_fc
 from spp_detect.training.distill import distill_head
-from spp_detect.training.finetune import TrainingImage, finetune_head, make_training_images
+from spp_detect.training.finetune import (
+    FinetuneCheckpoint,
+    TrainingImage,
+    finetune_head,
+    make_training_images,
+)
 
 __all__ = ["train_detector", "make_feature_source"]
 
@@ -114,6 +119,47 @@ def init_fc_layers(detector, source, images, config, pretrained, cache_dir, log)
     )
     log["seconds"]["distill"] = time.perf_counter() - t
     return fc_init
+
+
+class _FinetuneStage:
+    """fc6/fc7 initialisation and fine-tuning, resumable: ``finetune.pt`` holds the finished
+    head (reused when its key matches), ``finetune.ckpt.pt`` the periodic checkpoint of an
+    unfinished run (continued when its key matches)."""
+
+    def __init__(self, output_dir: Path, key: str, resume: bool) -> None:
+        self.done_path = output_dir / "finetune.pt"
+        self.ckpt_path = output_dir / "finetune.ckpt.pt"
+        self.key, self.resume = key, resume
+        if not resume:
+            self.ckpt_path.unlink(missing_ok=True)
+
+    def _finished(self) -> Optional[Dict[str, Any]]:
+        if not (self.resume and self.done_path.is_file()):
+            return None
+        saved = load_file(self.done_path, what="fine-tuning result")
+        return saved if isinstance(saved, dict) and saved.get("key") == self.key else None
+
+    def run(self, detector, source, images, flipped, config, pretrained, cache_dir, log) -> None:
+        saved = self._finished()
+        if saved is not None:
+            detector.head.load_state_dict(saved["head"])
+            logger.info("fine-tuning: reusing %s", self.done_path)
+            log["finetune"] = saved["log"]
+            return
+        ckpt = FinetuneCheckpoint(self.ckpt_path, self.key, config.finetune.checkpoint_seconds)
+        if ckpt.load() is not None:  # an interrupted run: its head already has its start
+            fc_init = resolve_fc_init(config, pretrained)
+        else:
+            fc_init = init_fc_layers(detector, source, images, config, pretrained, cache_dir, log)
+        if not config.finetune.enabled:
+            log["finetune"] = []
+            return
+        log["finetune"] = finetune_head(
+            detector, source, images + flipped, config.finetune, fc_init == "random", ckpt
+        )
+        head = detector.head.state_dict()
+        save_file({"key": self.key, "head": head, "log": log["finetune"]}, self.done_path)
+        self.ckpt_path.unlink(missing_ok=True)
 
 
 def training_images(
@@ -206,25 +252,9 @@ def train_detector(
             weights_digest(detector.backbone),
         ]
     )
-    ft_path = output_dir / "finetune.pt"
     t = time.perf_counter()
-    saved = (
-        load_file(ft_path, what="fine-tuning checkpoint") if resume and ft_path.is_file() else None
-    )
-    if isinstance(saved, dict) and saved.get("key") == ft_key:
-        detector.head.load_state_dict(saved["head"])
-        logger.info("fine-tuning: reusing %s", ft_path)
-        log["finetune"] = saved["log"]
-    elif config.finetune.enabled:
-        fc_init = init_fc_layers(detector, source, images, config, pretrained, cache_dir, log)
-        log["finetune"] = finetune_head(
-            detector, source, images + flipped, config.finetune, fc_init == "random"
-        )
-        save_file(
-            {"key": ft_key, "head": detector.head.state_dict(), "log": log["finetune"]}, ft_path
-        )
-    else:
-        log["finetune"] = []
+    stage = _FinetuneStage(output_dir, ft_key, resume)
+    stage.run(detector, source, images, flipped, config, pretrained, cache_dir, log)
     log["seconds"]["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()
