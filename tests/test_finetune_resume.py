@@ -97,6 +97,6 @@ def test_finetuning_lowers_the_loss_and_steps_the_learning_rate():
     _, log = ns["run"](None)
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]
     lrs = [e["lr"] for e in log]
-    # lr 0.01 for the first 60 of 120 iterations (step_fraction 0.5), then 0.001 (lr_step_factor 0.1).
+    # lr 0.01 for the first 60 of 120 iterations (step_fraction 0.5), then 0.001.
     assert all(abs(e["lr"] - (0.01 if e["iteration"] <= 60 else 0.001)) < 1e-12 for e in log)
     assert lrs[0] == 0.01 and lrs[-1] == 0.001

@@ -22,11 +22,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from ..config import DetectorConfig, TestConfig
+from ..config import DetectorConfig, TestConfig, fc_width
 from ..serialization import save_file
 from ..structures import Detections
 from ..utils import StageTimer, null_timer
 from .box_regression import BoxRegressor
+from .fast_conv import fast_backbone
+from .fast_head import build_fast_head
 from .head import FCHead
 from .svm import LinearSVMs
 
@@ -79,7 +81,7 @@ class WindowDetector(nn.Module):
         self.head = FCHead(
             self.pooled_dim,
             len(self.class_names),
-            hidden=config.model.hidden,
+            hidden=fc_width(config.model),
             dropout=config.model.dropout,
             init_std=config.finetune.init_std,
         )
@@ -158,11 +160,13 @@ class WindowDetector(nn.Module):
             test: replaces ``config.test`` as a whole.
             scales: replaces ``config.model.scales`` (shorter sides of the test pyramid).
             **test_fields: single ``TestConfig`` fields (``score_thresh=0``, ``svd_fc6=1024``,
-                ``classifier="softmax"``), applied after ``test``.
+                ``classifier="softmax"``, ``fast_head="int8"``), applied after ``test``.
         Returns:
-            A detector whose config holds the new settings. When the SVD ranks differ from
-            this detector's, its head is a compressed copy (Fast R-CNN's truncated SVD of
-            fc6/fc7); this detector is left exactly as it was. The two share parameters
+            A detector whose config holds the new settings. When the SVD ranks or
+            ``fast_head`` differ from this detector's, its head is a compressed and/or
+            lower-precision copy (Fast R-CNN's truncated SVD of fc6/fc7; ``fast_head.py``);
+            when ``fast_conv`` differs, its backbone is a copy (``fast_conv.py``); this
+            detector is left exactly as it was. The two share parameters
             tensors otherwise, so move a copy (``copy.deepcopy``) to another device, not this.
         Raises:
             ValueError: an unknown test field, or SVD ranks asked of an already compressed head.
@@ -179,13 +183,20 @@ class WindowDetector(nn.Module):
         out._buffers = dict(self._buffers)
         out.config = self.config.replace(test=test, model=model)
         want = (int(test.svd_fc6), int(test.svd_fc7))
-        if want != self.head.svd_ranks:
-            if self.head.svd_ranks != (0, 0):
+        have_fast = getattr(self.head, "fast_mode", "off")
+        if (want, test.fast_head) != (self.head.svd_ranks, have_fast):
+            if self.head.svd_ranks != (0, 0) or have_fast != "off":
                 raise ValueError(
-                    f"fc layers already compressed to ranks {self.head.svd_ranks}; ask the "
-                    f"uncompressed detector for ranks {want}"
+                    f"fc layers already compressed to ranks {self.head.svd_ranks} / "
+                    f"fast_head {have_fast!r}; ask the float32 detector for {want} / "
+                    f"{test.fast_head!r}"
                 )
-            out.head = copy.deepcopy(self.head).compress(*want)
+            head = copy.deepcopy(self.head).compress(*want) if want != (0, 0) else self.head
+            out.head = build_fast_head(head, test.fast_head)
+        if test.fast_conv != getattr(self.backbone, "fast_conv", "off"):
+            if getattr(self.backbone, "fast_conv", "off") != "off":
+                raise ValueError("ask the detector with the original backbone for fast_conv")
+            out.backbone = fast_backbone(self.backbone, test.fast_conv)
         return out
 
     @torch.no_grad()
@@ -214,10 +225,13 @@ class WindowDetector(nn.Module):
         """
         timer = timer or null_timer()
         want = (int(self.config.test.svd_fc6), int(self.config.test.svd_fc7))
-        if want != self.head.svd_ranks:
+        fast = (self.config.test.fast_head, self.config.test.fast_conv)
+        have = (getattr(self.head, "fast_mode", "off"), getattr(self.backbone, "fast_conv", "off"))
+        if want != self.head.svd_ranks or fast != have:
             raise ValueError(
-                f"config.test asks for SVD ranks {want} but the head has {self.head.svd_ranks}: "
-                "build the detector with with_settings()"
+                f"config.test asks for SVD ranks {want} and fast_head/fast_conv {fast} but the "
+                f"model has {self.head.svd_ranks} and {have}: build the detector with "
+                "with_settings()"
             )
         h, w = int(image.shape[0]), int(image.shape[1])
         windows = torch.as_tensor(np.asarray(proposals), dtype=torch.float32).reshape(-1, 4)
@@ -268,8 +282,12 @@ class WindowDetector(nn.Module):
 
     # -- saving ------------------------------------------------------------------------------
     def state_for_saving(self) -> Dict[str, Any]:
-        if self.head.svd_ranks != (0, 0):
-            raise ValueError("save the model before compressing its fc layers (test.svd_*)")
+        if self.head.svd_ranks != (0, 0) or not isinstance(self.head, FCHead):
+            raise ValueError(
+                "save the model before compressing its fc layers (test.svd_*, test.fast_head)"
+            )
+        if getattr(self.backbone, "fast_conv", "off") != "off":
+            raise ValueError("save the model before converting its conv layers (test.fast_conv)")
         return {
             "format": MODEL_FORMAT,
             "method": self.method,

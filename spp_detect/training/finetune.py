@@ -235,7 +235,8 @@ def finetune_head(
     Returns:
         The log: one dict per logged interval (iteration, lr, loss, accuracy, seconds).
     """
-    iterations = num_iterations(cfg, len(images))
+    # The schedule follows the dataset, not its mirror images (SPP_net: 300k on VOC07 trainval).
+    iterations = num_iterations(cfg, sum(not im.record.flipped for im in images))
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     pool = WindowPool(images, source, cfg, rng, gen)

@@ -13,6 +13,7 @@ resumes after it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from spp_detect.config import DetectorConfig
+from spp_detect.config import DEFAULT_LR, DetectorConfig
 from spp_detect.datasets.voc import VOCDataset
 from spp_detect.modeling.build import build_detector
 from spp_detect.serialization import load_file, save_file
@@ -154,8 +155,12 @@ class _FinetuneStage:
         if not config.finetune.enabled:
             log["finetune"] = []
             return
+        ft_cfg = config.finetune
+        if ft_cfg.lr <= 0:  # by where fc6/fc7 start (config.DEFAULT_LR)
+            ft_cfg = dataclasses.replace(ft_cfg, lr=DEFAULT_LR[fc_init])
+        log["finetune_lr"] = ft_cfg.lr
         log["finetune"] = finetune_head(
-            detector, source, images + flipped, config.finetune, fc_init == "random", ckpt
+            detector, source, images + flipped, ft_cfg, fc_init == "random", ckpt
         )
         head = detector.head.state_dict()
         save_file({"key": self.key, "head": head, "log": log["finetune"]}, self.done_path)
@@ -226,6 +231,9 @@ def train_detector(
     if len(dataset) == 0:
         raise ValueError(f"{dataset.root}: split {dataset.split!r} has no images")
 
+    # Build the detector (and so load and check the weights) before any expensive stage.
+    detector = build_detector(method, dataset.class_names, config, pretrained=pretrained).to(dev)
+    resolve_fc_init(config, pretrained)
     t = time.perf_counter()
     proposals = dataset_proposals(dataset, config, cache_dir, proposals_file)
     log["seconds"]["proposals"] = time.perf_counter() - t
@@ -233,7 +241,6 @@ def train_detector(
         sum(len(proposals[r.image_id]) for r in dataset.records) / len(dataset)
     )
 
-    detector = build_detector(method, dataset.class_names, config, pretrained=pretrained).to(dev)
     source = make_feature_source(detector, cache_dir)
 
     images, flipped = training_images(dataset.records, proposals, config)
