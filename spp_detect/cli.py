@@ -7,6 +7,10 @@
     spp-detect eval ...    (= tools/test_net.py)
     spp-detect bench ...   (= tools/speed_report.py)
 
+Several processes (``spp_detect.distributed``): ``torchrun --standalone --nproc-per-node K -m
+spp_detect.cli detect ...`` (or ``torchrun ... $(which spp-detect) detect ...``) shards the
+images by rank; ``train`` and ``eval`` work the same way.
+
 Each subcommand parses its arguments and makes one library call; ``train``, ``eval`` and
 ``bench`` share their argument sets and calls with the tools (``spp_detect.cli_common``).
 Exit codes: 0 success; 1 a readable image the detector failed on (``detect``), or a bug (with
@@ -105,7 +109,7 @@ def detect_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
     proposals = None
     if args.proposals_file is not None:
-        from .proposals.cache import load_proposals_file
+        from .proposals.files import load_proposals_file
 
         proposals = load_proposals_file(args.proposals_file)
     summary = detect_folder(
@@ -125,7 +129,10 @@ def detect_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         proposals=proposals,
         resume=args.resume,
     )
-    print(format_summary(summary))
+    from .distributed import is_main_process
+
+    if is_main_process():  # under torchrun every rank has rank 0's summary; one prints it
+        print(format_summary(summary))
     return summary
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +19,7 @@ __all__ = [
     "run_user_command",
     "add_train_args",
     "train_from_args",
+    "dataset_from_args",
     "add_test_args",
     "test_from_args",
     "add_bench_args",
@@ -47,9 +49,12 @@ def positive_int(text: str) -> int:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    # Under torchrun every line says which rank wrote it.
+    world = os.environ.get("WORLD_SIZE", "1")
+    where = f"[rank {os.environ.get('RANK', '0')}/{world}] " if world not in ("", "1") else ""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
 
@@ -63,16 +68,25 @@ def _one_line(exc: BaseException) -> str:
 def run_user_command(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run ``main(args)`` and return the exit code.
 
+    Under ``torchrun`` it runs inside ``distributed.process_group()`` (one rank per process).
     0: success. 2: the user's mistake (``UserInputError``, or an ``OSError`` about a path in
     ``USER_OS_ERRORS``): one line on stderr, no traceback. 130: interrupted. 1: anything else,
-    which is a bug: its traceback is printed.
+    which is a bug: its traceback is printed (on the other ranks of a torchrun job: one line
+    naming the rank that failed).
     """
+    from .distributed import RankFailedError, process_group
+
     setup_logging(getattr(args, "verbose", False))
     try:
-        main(args)
+        # Under torchrun (WORLD_SIZE > 1) every rank joins the process group; else a no-op.
+        with process_group(getattr(args, "device", None)):
+            main(args)
     except (UserInputError, *USER_OS_ERRORS) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except RankFailedError as exc:  # that rank printed its own traceback
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted (finished stages and caches are kept)", file=sys.stderr)
         return 130
@@ -85,10 +99,17 @@ def run_user_command(main: Callable[[argparse.Namespace], Any], args: argparse.N
     return 0
 
 
-def _add_voc_args(parser: argparse.ArgumentParser, split: str) -> None:
-    parser.add_argument("--voc-root", required=True, type=Path, help="VOCdevkit folder")
-    parser.add_argument("--year", default="2007", help="VOC year (VOC<year> folder)")
-    parser.add_argument("--split", default=split, help="ImageSets/Main/<split>.txt")
+def _add_dataset_args(parser: argparse.ArgumentParser, split: str) -> None:
+    data = parser.add_argument_group(
+        "dataset", "a VOC split (--voc-root [--year] [--split]) or a COCO-format set "
+        "(--coco-json FILE --images DIR)",
+    )  # fmt: skip
+    data.add_argument("--voc-root", type=Path, default=None, help="VOCdevkit folder")
+    data.add_argument("--year", default=None, help="VOC year (VOC<year> folder; default 2007)")
+    data.add_argument("--split", default=None, help=f"ImageSets/Main/<split>.txt (default {split})")
+    data.add_argument("--coco-json", type=Path, default=None, help="COCO instances JSON")
+    data.add_argument("--images", type=Path, default=None, help="image folder of --coco-json")
+    parser.set_defaults(default_split=split)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="proposal/feature caches")
     parser.add_argument(
@@ -100,8 +121,48 @@ def _add_voc_args(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--verbose", action="store_true")
 
 
+def _check_dataset_args(args: argparse.Namespace) -> None:
+    """One line for neither or both dataset formats, or half of the COCO pair."""
+    voc = args.voc_root is not None
+    coco = args.coco_json is not None or args.images is not None
+    if voc == coco:
+        raise UserInputError(
+            "give exactly one dataset: --voc-root ROOT [--year Y] [--split S], or "
+            "--coco-json FILE --images DIR"
+        )
+    if coco:
+        if args.coco_json is None or args.images is None:
+            missing = "--images DIR" if args.images is None else "--coco-json FILE"
+            raise UserInputError(f"a COCO-format dataset needs both files: {missing} is missing")
+        if args.year is not None or args.split is not None:
+            raise UserInputError("--year and --split are VOC arguments; not with --coco-json")
+        if not args.images.is_dir():
+            raise UserInputError(f"{args.images}: image folder not found")
+
+
+def dataset_from_args(args: argparse.Namespace, class_names=None):
+    """The ``VOCDataset`` or ``COCODataset`` that ``_add_dataset_args`` arguments name.
+
+    Raises:
+        UserInputError: neither or both formats, or half of the COCO pair (``_check_dataset_args``).
+    """
+    _check_dataset_args(args)
+    if args.coco_json is not None:
+        from .datasets.coco import COCODataset
+
+        return COCODataset(args.coco_json, args.images, class_names=class_names)
+    from .datasets.voc import VOCDataset
+
+    return VOCDataset(
+        args.voc_root,
+        year=args.year or "2007",
+        split=args.split or args.default_split,
+        class_names=class_names,
+    )
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    _add_voc_args(parser, "trainval")
+    _add_dataset_args(parser, "trainval")
     parser.add_argument("--output", required=True, type=Path, help="output folder (model.pt)")
     parser.add_argument("--method", default="spp", choices=["spp", "rcnn"])
     parser.add_argument("--backbone", default=None, help="zf5, efficientnet_lite0, vgg16, alexnet")
@@ -129,8 +190,8 @@ def _pretrained(weights: str | None) -> Any:
 
 
 def train_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    from . import distributed
     from .config import load_config
-    from .datasets.voc import VOCDataset
     from spp_detect.training.train import train_detector
 
     overrides = list(args.overrides)
@@ -139,22 +200,38 @@ def train_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     if args.scales:
         overrides.append(f"model.scales=[{','.join(map(str, args.scales))}]")
     config = load_config(args.config, overrides)
-    dataset = VOCDataset(args.voc_root, year=args.year, split=args.split)
+    dataset = dataset_from_args(args)
+    device = distributed.local_device(args.device)
+    cache_dir = args.cache_dir if args.cache_dir is not None else args.output / "cache"
+    if distributed.is_distributed():
+        # Under torchrun the ranks fill the proposal and feature caches by shards; rank 0
+        # then trains alone on the filled caches and writes model.pt (fine-tuning and SVMs
+        # are not divided among ranks yet).
+        from spp_detect.training.shared_caches import fill_caches_by_rank
+
+        fill_caches_by_rank(
+            dataset, config, args.method, cache_dir, device=device,
+            pretrained=_pretrained(args.weights), proposals_file=args.proposals_file,
+        )  # fmt: skip
+        is_main = distributed.is_main_process()
+        distributed.end_process_group()
+        if not is_main:
+            return {}
     return train_detector(
         dataset,
         args.output,
         config,
         method=args.method,
-        device=args.device,
+        device=device,
         pretrained=_pretrained(args.weights),
-        cache_dir=args.cache_dir,
+        cache_dir=cache_dir,
         proposals_file=args.proposals_file,
         resume=not args.no_resume,
     )
 
 
 def add_test_args(parser: argparse.ArgumentParser) -> None:
-    _add_voc_args(parser, "test")
+    _add_dataset_args(parser, "test")
     parser.add_argument("--model", required=True, type=Path, help="model.pt from training")
     parser.add_argument("--output", required=True, type=Path, help="output folder")
     parser.add_argument(
@@ -168,16 +245,25 @@ def add_test_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=None, help="test scales")
     parser.add_argument("--use-07-metric", dest="use_07_metric", action="store_true", default=None)
     parser.add_argument("--no-use-07-metric", dest="use_07_metric", action="store_false")
-    parser.add_argument("--coco", action="store_true", help="also COCO-style AP (pycocotools)")
+    parser.add_argument(
+        "--coco", action="store_true",
+        help="also COCO-style AP (pycocotools; always with --coco-json)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the images an interrupted run into --output finished (OUTPUT/partial)",
+    )  # fmt: skip
 
 
 def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    from .datasets.voc import VOCDataset
+    from . import distributed
     from spp_detect.inference.dataset import test_detector
     from .modeling.build import load_detector
     from .utils import resolve_device
 
-    detector = load_detector(args.model, resolve_device(args.device))
+    _check_dataset_args(args)  # a wrong pair fails before the model is read
+    device = distributed.local_device(args.device)
+    detector = load_detector(args.model, resolve_device(device))
     if args.method and args.method != detector.method:
         raise UserInputError(f"{args.model}: a {detector.method!r} model, not {args.method!r}")
     test_overrides: Dict[str, Any] = {}
@@ -185,24 +271,24 @@ def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         test_overrides["classifier"] = args.classifier
     if args.no_bbox_reg:
         test_overrides["bbox_reg"] = False
-    dataset = VOCDataset(
-        args.voc_root, year=args.year, split=args.split, class_names=detector.class_names
-    )
+    dataset = dataset_from_args(args, class_names=detector.class_names)
     metrics = test_detector(
         detector,
         dataset,
         args.output,
-        device=args.device,
+        device=device,
         cache_dir=args.cache_dir,
         proposals_file=args.proposals_file,
         use_07_metric=args.use_07_metric,
         coco=args.coco,
         overrides=test_overrides,
         scales=args.scales,
+        resume=args.resume,
     )
     from .evaluation.plots import format_ap_table
 
-    print(format_ap_table(metrics))
+    if distributed.is_main_process():
+        print(format_ap_table(metrics))
     return metrics
 
 
@@ -225,8 +311,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     p.add_argument(
         "--methods", nargs="+", default=["spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn"],
-        choices=["spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn"],
-        help="methods to time (spp-1scale-svd: fc6/fc7 by truncated SVD, Fast R-CNN's ranks)",
+        choices=["spp-1scale", "spp-1scale-svd", "spp-1scale-fast", "spp-5scale", "rcnn"],
+        help="methods to time (spp-1scale-svd: fc6/fc7 by truncated SVD, Fast R-CNN's ranks; "
+        "spp-1scale-fast: every test-time speed option, given to R-CNN too, docs/speed.md)",
     )  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per method")
     p.add_argument(

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Run a trained detector over a VOC-format split and evaluate it; writes OUT/metrics.json.
+"""Run a trained detector over a VOC or COCO-format set and evaluate it; writes OUT/metrics.json.
 
-    python tools/test_net.py --voc-root ROOT --year 2007 --split test --model DIR/model.pt \
-        --output OUT [--method spp|rcnn] [--classifier svm|softmax] [--device cpu|cuda] [--coco]
+    python tools/test_net.py (--voc-root ROOT [--year 2007] [--split test] |
+        --coco-json FILE --images DIR) --model DIR/model.pt --output OUT [--method spp|rcnn]
+        [--classifier svm|softmax] [--device cpu|cuda] [--coco] [--resume]
+
+Under ``torchrun --nproc-per-node K`` the images are sharded by rank and rank 0 evaluates
+(README, "Several processes and machines").
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Train an SPP-net (or R-CNN baseline) detector on a VOC-format split; writes DIR/model.pt.
+"""Train an SPP-net (or R-CNN baseline) detector on a VOC or COCO-format set; writes DIR/model.pt.
 
-    python tools/train_net.py --voc-root ROOT --year 2007 --split trainval --output DIR \
+    python tools/train_net.py (--voc-root ROOT [--year 2007] [--split trainval] |
+        --coco-json FILE --images DIR) --output DIR \
         [--method spp|rcnn] [--backbone efficientnet_lite0] [--scales 688] [--device cpu|cuda] \
         [--config FILE] [KEY=VALUE ...]
+
+Under ``torchrun --nproc-per-node K`` the ranks fill the proposal and feature caches by shards
+and rank 0 trains (README, "Several processes and machines").
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ unchanged. Conversion choices:
   a detection first looks for a regular object.
 - ``area`` (used for the small / medium / large split: 32^2 and 96^2 pixels) is the box area,
   since VOC has no instance masks.
-- Ids: images and categories are numbered from 1 in dataset order; annotation ids start at 1
-  (COCOeval uses id 0 to mean "unmatched").
+- Ids: a ``COCODataset``'s own image and category ids (``coco_image_ids``, ``category_ids``);
+  other datasets' images and categories are numbered from 1 in dataset order. Annotation ids
+  start at 1 (COCOeval uses id 0 to mean "unmatched").
 - COCOeval keeps at most 100 detections per image (the highest scoring), VOC keeps all.
 """
 
@@ -42,12 +43,25 @@ PathLike = Union[str, os.PathLike]
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def _coco_ids(dataset):
+    """``(image ids by record index, category ids by label)``: the dataset's own (a
+    ``COCODataset``), else numbered from 1."""
+    image_ids = getattr(dataset, "coco_image_ids", None)
+    category_ids = getattr(dataset, "category_ids", None)
+    if image_ids is None:
+        image_ids = list(range(1, len(dataset.records) + 1))
+    if category_ids is None:
+        category_ids = list(range(1, len(dataset.class_names) + 1))
+    return list(image_ids), [int(c) for c in category_ids]
+
+
 def voc_to_coco_gt(dataset) -> dict:
     """Ground truth of ``dataset`` (``records``, ``class_names``) as a COCO instances dict."""
     images, annotations = [], []
+    image_ids, category_ids = _coco_ids(dataset)
     for i, r in enumerate(dataset.records):
         images.append(
-            {"id": i + 1, "file_name": Path(r.path).name, "width": int(r.width),
+            {"id": image_ids[i], "file_name": Path(r.path).name, "width": int(r.width),
              "height": int(r.height)}
         )  # fmt: skip
         for box, label, difficult in zip(
@@ -56,13 +70,13 @@ def voc_to_coco_gt(dataset) -> dict:
             w, h = box[2] - box[0], box[3] - box[1]
             annotations.append({
                 "id": len(annotations) + 1,
-                "image_id": i + 1,
-                "category_id": int(label) + 1,
+                "image_id": image_ids[i],
+                "category_id": category_ids[int(label)],
                 "bbox": [box[0], box[1], w, h],
                 "area": w * h,
                 "iscrowd": int(bool(difficult)),
             })  # fmt: skip
-    categories = [{"id": k + 1, "name": c} for k, c in enumerate(dataset.class_names)]
+    categories = [{"id": category_ids[k], "name": c} for k, c in enumerate(dataset.class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
@@ -73,6 +87,7 @@ def detections_to_coco(dataset, dets_by_image: Mapping[str, "Detections"]) -> Li
         ValueError: an image id not in ``dataset``, a label out of range or a non-finite value.
     """
     image_index = {r.image_id: i for i, r in enumerate(dataset.records)}
+    image_ids, category_ids = _coco_ids(dataset)
     num_classes = len(dataset.class_names)
     out: List[dict] = []
     for image_id, dets in dets_by_image.items():
@@ -90,8 +105,8 @@ def detections_to_coco(dataset, dets_by_image: Mapping[str, "Detections"]) -> Li
             raise ValueError(f"image {image_id!r}: label out of range for {num_classes} classes")
         for b, s, k in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
             out.append({
-                "image_id": i + 1,
-                "category_id": int(k) + 1,
+                "image_id": image_ids[i],
+                "category_id": category_ids[int(k)],
                 "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
                 "score": s,
             })  # fmt: skip

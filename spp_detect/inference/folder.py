@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from spp_detect import distributed as dist
 from spp_detect.datasets.images import DEFAULT_MAX_PIXELS
 from spp_detect.errors import UserInputError
 from spp_detect.proposals.settings import MODES
@@ -204,6 +205,21 @@ class _FolderLoop:
                 bar.set_postfix(dets=self.n_dets, skipped=self.n_errors, refresh=False)
 
 
+def _combine_totals(totals: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The ranks' ``_FolderLoop.totals`` as one run's: side by side, the run took as long as
+    its slowest rank; stage times and counts add up."""
+    stages: Dict[str, float] = {}
+    for t in totals:
+        for k, v in t["stage_seconds"].items():
+            stages[k] = stages.get(k, 0.0) + v
+    return {
+        "precomputed_proposals": sum(t["precomputed_proposals"] for t in totals),
+        "seconds": max(t["seconds"] for t in totals),
+        "stage_seconds": stages,
+        "device": totals[0]["device"],
+    }
+
+
 def detect_folder(
     model: Any,
     input_path: Union[PathLike, Sequence[PathLike]],
@@ -247,6 +263,10 @@ def detect_folder(
         resume: continue an earlier run in ``output_dir``: images with a line in its
             ``detections.jsonl`` are not processed again (except detector failures), and the
             final files cover both runs. The model and settings must be the same.
+
+    Under torchrun (``spp_detect.distributed``), each rank detects its contiguous shard of
+    the images into ``detections.rank<R>.jsonl``; rank 0 merges the parts in rank order and
+    writes the final files, so the outputs are those of one process. ``jobs`` is per rank.
     Returns:
         The summary: ``images`` (found), ``resumed`` (done by an earlier run), ``processed``,
         ``skipped``, ``failed`` (readable images the detector failed on), ``detections``,
@@ -261,29 +281,47 @@ def detect_folder(
         raise UserInputError(f"{model}: model file not found")
     output_dir = Path(output_dir)
     items = resolve_inputs(input_path, exclude=output_dir)
-    _check_output(output_dir, exist_ok or resume)
+    with dist.all_ranks_ok("detect: output folder"):  # every rank checks before any writes
+        _check_output(output_dir, exist_ok or resume)
     predictor = _make_predictor(
-        model, device, score_thresh, mode=proposal_mode, max=max_proposals, scales=scales
-    )
+        model, dist.local_device(device), score_thresh, mode=proposal_mode, max=max_proposals,
+        scales=scales,
+    )  # fmt: skip
     source = describe_input(input_path)
-    results = FolderResults(output_dir, _header(model, predictor, source, save_images), resume)
-    done = results.start()
-    todo = [(path, name) for path, name in items if name not in done]
+    part = dist.rank() if dist.is_distributed() else None
+    header = _header(model, predictor, source, save_images)
+    results = FolderResults(output_dir, header, resume, part=part)
+    with dist.all_ranks_ok("detect: earlier results"):
+        if dist.is_main_process():
+            results.prepare()
+    with dist.all_ranks_ok("detect: start"):
+        done = results.start()
+    # Under torchrun: this rank's contiguous shard of the images (InferenceSampler).
+    todo = [(path, name) for path, name in dist.shard(items) if name not in done]
     tasks = [(str(path), precomputed_windows(proposals, name)) for path, name in todo]
     settings = _load_settings(predictor, max_pixels)
+    resumed = sum(name in done for _, name in items)
+    where = f" (rank {dist.rank()} of {dist.world_size()})" if part is not None else ""
     logger.info(
-        "detecting in %d images from %s (%d done earlier; %s, %s proposals up to %d, %d job(s))",
-        len(todo), source, len(items) - len(todo), predictor.detector.method,
+        "detecting in %d images from %s%s (%d done earlier; %s, %s proposals up to %d, "
+        "%d job(s))", len(todo), source, where, resumed, predictor.detector.method,
         settings.proposals.mode, settings.proposals.max_proposals, jobs,
     )  # fmt: skip
     loop = _FolderLoop(predictor, results, save_images)
     t0 = time.perf_counter()
-    try:
-        loop.run(todo, tasks, settings, jobs, progress)
-    finally:
-        results.close()  # what is done stays on disk for a resumed run
-    run = {"images": len(items), "resumed": len(items) - len(todo), "jobs": jobs}
-    summary = results.finish(dict(run, **loop.totals(tasks, time.perf_counter() - t0)))
+    with dist.all_ranks_ok("detect"):
+        try:
+            loop.run(todo, tasks, settings, jobs, progress and dist.is_main_process())
+        finally:
+            results.close()  # what is done stays on disk for a resumed run
+    totals = dist.gather(loop.totals(tasks, time.perf_counter() - t0))
+    summary = None
+    with dist.all_ranks_ok("detect: final files"):
+        if totals is not None:  # rank 0 (or the one process) writes the final files
+            run = {"images": len(items), "resumed": resumed, "jobs": jobs}
+            run["processes"] = len(totals)
+            summary = results.finish(dict(run, **_combine_totals(totals)))
+    summary = dist.all_gather(summary)[0]  # every rank returns rank 0's summary
     logger.info(
         "%d/%d images processed, %d skipped, %d detections, %.1f s",
         summary["processed"], len(items), summary["skipped"], summary["detections"],

@@ -17,6 +17,10 @@ number of images and a killed run can be resumed.
   ``categories``: ``{id, name}`` with ``id = label + 1``; empty ``annotations``).
 
 Every file but the JSON Lines one is written atomically (a reader never sees half of it).
+
+Under torchrun each rank appends to its own part, ``detections.rank<R>.jsonl``; at the end
+rank 0 appends the parts in rank order to ``detections.jsonl`` (``merge_parts``) and writes the
+other files from it. A resumed run first merges the parts an interrupted run left.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from spp_detect.utils import atomic_path, atomic_write_json, json_safe
 
 __all__ = [
     "FolderResults",
+    "merge_parts",
+    "part_name",
     "read_records",
     "to_coco_results",
     "DETECTIONS_FILE",
@@ -125,6 +131,39 @@ def to_coco_results(entries: Sequence[Mapping[str, Any]], class_names: Sequence[
     return results, {"images": images, "categories": categories, "annotations": []}
 
 
+def part_name(rank: int) -> str:
+    """The JSON Lines part that rank ``rank`` of a torchrun job writes."""
+    return f"detections.rank{rank}.jsonl"
+
+
+def _part_files(output_dir: Path) -> List[Path]:
+    """The rank parts in ``output_dir``, in rank order."""
+    found = []
+    for path in Path(output_dir).glob("detections.rank*.jsonl"):
+        number = path.name[len("detections.rank") : -len(".jsonl")]
+        if number.isdigit():
+            found.append((int(number), path))
+    return [path for _, path in sorted(found)]
+
+
+def merge_parts(output_dir: Path) -> None:
+    """Append the complete lines of every rank part, in rank order, to ``detections.jsonl``
+    (atomically: a new file replaces it) and delete the parts. Contiguous shards (see
+    ``spp_detect.distributed.shard``) keep the images in input order."""
+    parts = _part_files(output_dir)
+    if not parts:
+        return
+    jsonl = Path(output_dir) / JSONL_FILE
+    with atomic_path(jsonl) as tmp, open(tmp, "wb") as out:
+        for path in ([jsonl] if jsonl.is_file() else []) + parts:
+            with open(path, "rb") as f:
+                for line in f:
+                    if line.endswith(b"\n"):  # a cut last line: that image is redone
+                        out.write(line)
+    for path in parts:
+        path.unlink()
+
+
 class _JsonArray:
     """Writes a JSON array one element per line to an open text file."""
 
@@ -163,32 +202,53 @@ class FolderResults:
         resume: keep the records of an earlier run in ``output_dir`` and append to them.
     """
 
-    def __init__(self, output_dir: Path, header: Dict[str, Any], resume: bool) -> None:
+    def __init__(
+        self, output_dir: Path, header: Dict[str, Any], resume: bool, part: Optional[int] = None
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.header = json.loads(_dumps(header))  # the values as JSON gives them back
         self.resume = resume
+        self.part = part
         self.jsonl = self.output_dir / JSONL_FILE
+        # Where this process appends: the JSON Lines file itself, or its rank's part.
+        self.writes_to = self.jsonl if part is None else self.output_dir / part_name(part)
         self.detections = self.output_dir / DETECTIONS_FILE
         self._file: Optional[IO[str]] = None
 
     # -- during the run -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Before any process starts (one process, or rank 0 of a torchrun job): fold the
+        rank parts of an interrupted run into ``detections.jsonl`` when resuming, else delete
+        them, so that every rank then reads one file."""
+        if not self.resume:
+            for path in _part_files(self.output_dir):
+                path.unlink()
+            return
+        if self.jsonl.is_file():
+            self._check_header()
+        merge_parts(self.output_dir)
+
     def start(self) -> Set[str]:
-        """Open the JSON Lines file; returns the files an earlier run has finished (empty
-        unless resuming). Raises ``UserInputError`` when that run used other settings."""
+        """Open the file this process appends to; returns the files an earlier run has
+        finished (empty unless resuming). Raises ``UserInputError`` when that run used other
+        settings. ``prepare()`` must have run first."""
         done: Set[str] = set()
         keep = self.resume and self.jsonl.is_file()
         if keep:
             self._check_header()
-            _drop_partial_line(self.jsonl)
+            if self.part is None:
+                _drop_partial_line(self.jsonl)
             for _, rec in read_records(self.jsonl):
                 if "detections" not in rec and rec.get("stage") in _RETRY_STAGES:
                     done.discard(rec["file"])  # its last record is a failure worth retrying
                 else:
                     done.add(rec["file"])
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.jsonl, "a" if keep else "w", encoding="utf-8")
-        doc = dict(self.header, complete=False, images=[], errors=[], partial=JSONL_FILE)
-        atomic_write_json(self.detections, doc)
+        append = keep and self.part is None
+        self._file = open(self.writes_to, "a" if append else "w", encoding="utf-8")
+        if self.part in (None, 0):
+            doc = dict(self.header, complete=False, images=[], errors=[], partial=JSONL_FILE)
+            atomic_write_json(self.detections, doc)
         return done
 
     def _check_header(self) -> None:
@@ -229,6 +289,7 @@ class FolderResults:
             ``skipped``, ``failed``, ``detections``), ``errors`` and ``outputs``.
         """
         self.close()
+        merge_parts(self.output_dir)
         last: Dict[str, int] = {}
         for lineno, rec in read_records(self.jsonl):
             last[rec["file"]] = lineno
