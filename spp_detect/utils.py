@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
+from .errors import UserInputError
+
 __all__ = [
     "atomic_path",
+    "bytes_digest",
     "json_safe",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -26,24 +30,66 @@ __all__ = [
 ]
 
 
+_TMP_SUFFIX = ".tmp"  # temporary files of atomic_path: ".<name>.<random>.tmp"
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target folder; move it onto ``path`` only on success, so a
-    reader never sees a half-written file and an interrupted run leaves the old file intact."""
+    reader never sees a half-written file and an interrupted run leaves the old file intact.
+
+    The temporary file is created with mode ``0o666`` and the kernel applies the process umask
+    (``mkstemp`` would make it ``0o600``; reading the umask would mean changing it, which races
+    with other threads). Its data is flushed to the disk (``fsync``) before the rename, so after
+    a power cut ``path`` holds the old or the new content, never an empty file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
-        yield Path(tmp)
-        # mkstemp creates 0600 files; give the result the usual permissions (0666 & ~umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def _create_temp(path: Path) -> Path:
+    """Create an empty, new file next to ``path`` (``O_EXCL``: never an existing one)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path}: no free temporary file name in {path.parent}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def bytes_digest(data: bytes) -> str:
+    """BLAKE2b (128-bit) hex digest of ``data``: how caches recognise a file's content."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -89,9 +135,12 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     """``None`` or ``"auto"``: CUDA when present, else CPU. Asking for CUDA without one fails."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserInputError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise UserInputError(f"--device {device}: CUDA is not available on this machine")
     return dev
 
 
@@ -127,12 +176,3 @@ class StageTimer:
 def null_timer() -> StageTimer:
     """A timer whose figures nobody reads (no device sync, so no slowdown on CUDA)."""
     return StageTimer(None)
-
-
-def stage_names(times: List[Dict[str, float]]) -> List[str]:
-    """Stage names in first-seen order across several timing dicts."""
-    seen: Dict[str, None] = {}
-    for t in times:
-        for k in t:
-            seen.setdefault(k, None)
-    return list(seen)

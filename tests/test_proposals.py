@@ -14,13 +14,11 @@ from spp_detect.datasets.images import read_image
 from spp_detect.datasets.records import ImageRecord
 from spp_detect.datasets.toy_voc import render_toy_image
 from spp_detect.proposals import cache as cache_mod
-from spp_detect.proposals import (
-    ProposalCache,
-    compute_proposals,
-    load_proposals_file,
-    save_proposals_file,
-    selective_search,
-)
+from spp_detect.proposals.cache import ProposalCache
+from spp_detect.proposals.compute import compute_proposals
+from spp_detect.proposals.files import load_proposals_file, save_proposals_file
+from spp_detect.proposals.selective_search import selective_search
+from spp_detect.proposals.settings import ProposalSettings as S
 
 
 def _toy(seed=0, w=150, h=110):
@@ -48,15 +46,15 @@ def _check_valid(boxes, w, h, max_proposals, min_size):
 
 def test_selective_search_on_toy_image():
     img = _toy()
-    boxes = selective_search(img, mode="fast", max_proposals=2000, min_size=12)
+    boxes = selective_search(img, S(mode="fast", max_proposals=2000, min_size=12))
     assert len(boxes) > 10
     _check_valid(boxes, 150, 110, 2000, 12)
     # Deterministic (seeded ranking), and the cap keeps the first windows in order.
-    np.testing.assert_array_equal(boxes, selective_search(img, min_size=12))
-    capped = selective_search(img, max_proposals=7, min_size=12)
+    np.testing.assert_array_equal(boxes, selective_search(img, S(min_size=12)))
+    capped = selective_search(img, S(max_proposals=7, min_size=12))
     np.testing.assert_array_equal(capped, boxes[:7])
     # A larger min_size only removes windows.
-    big = selective_search(img, min_size=40)
+    big = selective_search(img, S(min_size=40))
     _check_valid(big, 150, 110, 2000, 40)
     assert {tuple(b) for b in big} <= {tuple(b) for b in boxes}
 
@@ -66,7 +64,7 @@ def test_xywh_converted_to_continuous_xyxy_by_hand():
     # segment: OpenCV's Rect(20, 10, 20, 20), i.e. continuous [20, 10, 40, 30].
     img = np.full((60, 80, 3), 90, np.uint8)
     img[10:30, 20:40] = (200, 30, 30)
-    boxes = selective_search(img, min_size=0)
+    boxes = selective_search(img, S(min_size=0))
     assert [20, 10, 40, 30] in boxes.tolist()
     assert [0, 0, 80, 60] in boxes.tolist()  # the whole image, at the top of the hierarchy
 
@@ -76,39 +74,42 @@ def test_resize_to_scales_boxes_back():
     big = cv2.resize(small, (200, 140), interpolation=cv2.INTER_NEAREST)
     # INTER_AREA halving of a 2x nearest upscale gives back `small` exactly, so the windows
     # found on the downscaled copy are the windows of `small`, doubled.
-    ref = selective_search(small, min_size=0, max_proposals=None)
-    got = selective_search(big, min_size=0, max_proposals=None, resize_to=100)
+    ref = selective_search(small, S(min_size=0, max_proposals=0))
+    got = selective_search(big, S(min_size=0, max_proposals=0, resize_to=100))
     np.testing.assert_array_equal(got, ref * 2)
-    assert len(selective_search(big, resize_to=500, min_size=0)) > 0  # no upscaling
+    assert len(selective_search(big, S(resize_to=500, min_size=0))) > 0  # no upscaling
 
 
 def test_grayscale_rgba_and_tiny_images():
     img = _toy(seed=2, w=90, h=80)
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     np.testing.assert_array_equal(
-        selective_search(gray, min_size=10),
-        selective_search(np.repeat(gray[:, :, None], 3, axis=2), min_size=10),
+        selective_search(gray, S(min_size=10)),
+        selective_search(np.repeat(gray[:, :, None], 3, axis=2), S(min_size=10)),
     )
     rgba = np.concatenate([img, np.full((80, 90, 1), 7, np.uint8)], axis=2)
     np.testing.assert_array_equal(
-        selective_search(rgba, min_size=10), selective_search(img, min_size=10)
+        selective_search(rgba, S(min_size=10)), selective_search(img, S(min_size=10))
     )
     tiny = np.zeros((5, 7, 3), np.uint8)
-    np.testing.assert_array_equal(selective_search(tiny, min_size=0), [[0, 0, 7, 5]])
-    empty = selective_search(tiny)  # 7x5 is below the default min_size of 20
+    np.testing.assert_array_equal(selective_search(tiny, S(min_size=0)), [[0, 0, 7, 5]])
+    empty = selective_search(tiny, S())  # 7x5 is below the default min_size of 20
     assert empty.shape == (0, 4) and empty.dtype == np.float32
-    assert selective_search(img, max_proposals=0).shape == (0, 4)
+    # max_proposals 0 keeps every window: the same as a cap no image reaches.
+    every = selective_search(img, S(max_proposals=0, min_size=0))
+    np.testing.assert_array_equal(every, selective_search(img, S(max_proposals=10**6, min_size=0)))
+    assert len(every) > len(selective_search(img, S(max_proposals=5, min_size=0))) == 5
 
 
 def test_selective_search_bad_input():
     with pytest.raises(ValueError, match="mode"):
-        selective_search(np.zeros((20, 20, 3), np.uint8), mode="slow")
+        S(mode="slow")
     with pytest.raises(ValueError, match="uint8"):
-        selective_search(np.zeros((20, 20, 3), np.float32))
+        selective_search(np.zeros((20, 20, 3), np.float32), S())
     with pytest.raises(ValueError, match="shape|pixels"):
-        selective_search(np.zeros((0, 20, 3), np.uint8))
+        selective_search(np.zeros((0, 20, 3), np.uint8), S())
     with pytest.raises(ValueError, match="inc_k"):
-        selective_search(np.zeros((20, 20, 3), np.uint8), inc_k=0)
+        S(inc_k=0)
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -119,12 +120,12 @@ def fake_ss(monkeypatch):
     """Count selective search calls; boxes depend on the image and the settings."""
     calls = []
 
-    def fake(image, mode="fast", max_proposals=2000, min_size=20, resize_to=None, seed=0, **kw):
+    def fake(image, settings):
         calls.append(image.shape)
         h, w = image.shape[:2]
         v = float(image.astype(np.int64).sum() % 97)
         boxes = np.array([[0, 0, w, h], [1, 1, w - 1, h - 1], [v / 10, 0, w, h]], np.float32)
-        return boxes[: max_proposals if max_proposals is not None else None]
+        return boxes[: settings.limit]
 
     monkeypatch.setattr(cache_mod, "selective_search", fake)
     return calls
@@ -138,15 +139,15 @@ def images(tmp_path):
 
 
 def _tmp_leftovers(d):
-    return [p for p in d.iterdir() if p.name.startswith(".tmp-")] if d.exists() else []
+    return [p for p in d.iterdir() if p.name.startswith(".")] if d.exists() else []
 
 
 def test_cache_reuses_on_second_call(tmp_path, images, fake_ss):
     image_id, path = images[0]
-    c = ProposalCache(tmp_path / "cache")
+    c = ProposalCache(tmp_path / "cache", S())
     a = c.get(image_id, path)
     assert len(fake_ss) == 1 and c.computed == 1 and c.path_for(image_id).is_file()
-    b = ProposalCache(tmp_path / "cache").get(image_id, path)  # a new run
+    b = ProposalCache(tmp_path / "cache", S()).get(image_id, path)  # a new run
     assert len(fake_ss) == 1
     np.testing.assert_array_equal(a, b)
     assert b.dtype == np.float32 and b.shape == (3, 4)
@@ -157,10 +158,10 @@ def test_cache_reuses_on_second_call(tmp_path, images, fake_ss):
 
 def test_cache_invalidated_by_settings(tmp_path, images, fake_ss):
     image_id, path = images[0]
-    ProposalCache(tmp_path / "c", max_proposals=3).get(image_id, path)
-    ProposalCache(tmp_path / "c", max_proposals=3).get(image_id, path)
+    ProposalCache(tmp_path / "c", S(max_proposals=3)).get(image_id, path)
+    ProposalCache(tmp_path / "c", S(max_proposals=3)).get(image_id, path)
     assert len(fake_ss) == 1
-    assert len(ProposalCache(tmp_path / "c", max_proposals=2).get(image_id, path)) == 2
+    assert len(ProposalCache(tmp_path / "c", S(max_proposals=2)).get(image_id, path)) == 2
     assert len(fake_ss) == 2
     changes = [
         dict(mode="quality"),
@@ -171,13 +172,13 @@ def test_cache_invalidated_by_settings(tmp_path, images, fake_ss):
         dict(inc_k=100),
     ]
     for kw in changes:
-        ProposalCache(tmp_path / "c", max_proposals=2, **kw).get(image_id, path)
+        ProposalCache(tmp_path / "c", S(max_proposals=2, **kw)).get(image_id, path)
     assert len(fake_ss) == 2 + len(changes)
 
 
 def test_cache_invalidated_by_image_change(tmp_path, images, fake_ss):
     image_id, path = images[0]
-    c = ProposalCache(tmp_path / "c")
+    c = ProposalCache(tmp_path / "c", S())
     first = c.get(image_id, path)
     os.utime(path, ns=(1, 1))  # touched, same bytes: content fingerprint still matches
     c.get(image_id, path)
@@ -187,19 +188,27 @@ def test_cache_invalidated_by_image_change(tmp_path, images, fake_ss):
     assert len(fake_ss) == 2
     assert not np.array_equal(first, second)
 
-    s = ProposalCache(tmp_path / "s", fingerprint="stat")
-    s.get(image_id, path)
-    s.get(image_id, path)
-    assert len(fake_ss) == 3
+    # Same size and modification time, other bytes: still recomputed (the key is the content).
     st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # only the mtime changes
-    s.get(image_id, path)
-    assert len(fake_ss) == 4
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF  # inside the PNG's IEND/IDAT trailer: the file stays the same length
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+    assert c.load(image_id, c.key(image_id, path=path)) is None
+
+
+def test_cache_key_has_a_format_version(tmp_path, images, fake_ss, monkeypatch):
+    image_id, path = images[0]
+    ProposalCache(tmp_path / "c", S()).get(image_id, path)
+    monkeypatch.setattr(cache_mod, "CACHE_VERSION", cache_mod.CACHE_VERSION + 1)
+    ProposalCache(tmp_path / "c", S()).get(image_id, path)
+    assert len(fake_ss) == 2
 
 
 def test_corrupt_cache_file_is_recomputed(tmp_path, images, fake_ss, caplog):
     image_id, path = images[0]
-    c = ProposalCache(tmp_path / "c")
+    c = ProposalCache(tmp_path / "c", S())
     good = c.get(image_id, path)
     f = c.path_for(image_id)
     data = f.read_bytes()
@@ -215,7 +224,7 @@ def test_corrupt_cache_file_is_recomputed(tmp_path, images, fake_ss, caplog):
 
 def test_interrupted_write_keeps_old_file_and_no_tmp(tmp_path, images, fake_ss, monkeypatch):
     image_id, path = images[0]
-    c = ProposalCache(tmp_path / "c", max_proposals=3)
+    c = ProposalCache(tmp_path / "c", S(max_proposals=3))
     c.get(image_id, path)
     before = c.path_for(image_id).read_bytes()
 
@@ -225,13 +234,13 @@ def test_interrupted_write_keeps_old_file_and_no_tmp(tmp_path, images, fake_ss, 
 
     monkeypatch.setattr(cache_mod.np, "savez", crash)
     with pytest.raises(KeyboardInterrupt):
-        ProposalCache(tmp_path / "c", max_proposals=2).get(image_id, path)
+        ProposalCache(tmp_path / "c", S(max_proposals=2)).get(image_id, path)
     assert c.path_for(image_id).read_bytes() == before
     assert _tmp_leftovers(tmp_path / "c") == []
 
 
 def test_path_for_odd_ids(tmp_path):
-    c = ProposalCache(tmp_path)
+    c = ProposalCache(tmp_path, S())
     assert c.path_for("000005") == tmp_path / "000005.npz"
     odd = c.path_for("../a/b c")
     assert odd.parent == tmp_path and odd.name != c.path_for("../a/b_c").name
@@ -239,13 +248,13 @@ def test_path_for_odd_ids(tmp_path):
 
 def test_compute_proposals_reuse_and_summary(tmp_path, images, fake_ss, caplog):
     records = [ImageRecord(i, p, 64, 48) for i, p in images]
-    with caplog.at_level(logging.INFO, logger="spp_detect.proposals.cache"):
-        out = compute_proposals(records, tmp_path / "c", jobs=1, progress=False)
+    with caplog.at_level(logging.INFO, logger="spp_detect.proposals.compute"):
+        out = compute_proposals(records, tmp_path / "c", S(), jobs=1, progress=False)
     assert list(out) == [i for i, _ in images] and len(fake_ss) == 3
     assert "0 reused" in caplog.text and "3 computed" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="spp_detect.proposals.cache"):
-        again = compute_proposals(images, tmp_path / "c", jobs=1, progress=False)
+    with caplog.at_level(logging.INFO, logger="spp_detect.proposals.compute"):
+        again = compute_proposals(images, tmp_path / "c", S(), jobs=1, progress=False)
     assert len(fake_ss) == 3 and "3 reused" in caplog.text and "0 computed" in caplog.text
     for k in out:
         np.testing.assert_array_equal(out[k], again[k])
@@ -256,24 +265,26 @@ def test_compute_proposals_errors(tmp_path, images, fake_ss):
     bad.write_text("not an image")
     items = images + [("broken", bad), ("gone", tmp_path / "missing.png")]
     with pytest.raises(ValueError, match="broken.jpg: not an image"):
-        compute_proposals(images + [("broken", bad)], tmp_path / "c", progress=False)
+        compute_proposals(images + [("broken", bad)], tmp_path / "c", S(), progress=False)
     with pytest.raises(ValueError, match="missing.png: file not found"):
-        compute_proposals(items, tmp_path / "c", progress=False)
+        compute_proposals(items, tmp_path / "c", S(), progress=False)
     errors = {}
-    out = compute_proposals(items, tmp_path / "c", progress=False, on_error="skip", errors=errors)
+    out = compute_proposals(
+        items, tmp_path / "c", S(), progress=False, on_error="skip", errors=errors
+    )
     assert list(out) == [i for i, _ in images]
     assert set(errors) == {"broken", "gone"}
     assert "missing.png: file not found" in errors["gone"]
     with pytest.raises(ValueError, match="two files"):
-        compute_proposals([("a", images[0][1]), ("a", images[1][1])], tmp_path / "c")
+        compute_proposals([("a", images[0][1]), ("a", images[1][1])], tmp_path / "c", S())
 
 
 def test_parallel_equals_inline(tmp_path):
     d = tmp_path / "imgs"
     d.mkdir()
     items = [(f"p{i}", _write(d / f"p{i}.png", _toy(seed=20 + i, w=96, h=72))) for i in range(4)]
-    one = compute_proposals(items, tmp_path / "c1", jobs=1, progress=False, min_size=8)
-    two = compute_proposals(items, tmp_path / "c2", jobs=2, progress=False, min_size=8)
+    one = compute_proposals(items, tmp_path / "c1", S(min_size=8), jobs=1, progress=False)
+    two = compute_proposals(items, tmp_path / "c2", S(min_size=8), jobs=2, progress=False)
     assert list(one) == list(two) == [i for i, _ in items]
     for k in one:
         np.testing.assert_array_equal(one[k], two[k])

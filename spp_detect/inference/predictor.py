@@ -55,7 +55,7 @@ class Predictor:
 
     def propose(self, image: np.ndarray) -> np.ndarray:
         """Selective-search windows, float32 ``[R, 4]`` xyxy in pixels of ``image``."""
-        return selective_search(image, **self.proposal_settings.selective_search_kwargs())
+        return selective_search(image, self.proposal_settings)
 
     def __call__(
         self,

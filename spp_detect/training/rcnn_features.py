@@ -2,33 +2,42 @@
 
 R-CNN runs the whole backbone per window, so its training cache holds every window's pooled
 vector (R-CNN's feature cache; the paper's 200 GB on VOC07 against SPP-net's 20 GB of conv
-maps). One file per image, written atomically and keyed by the windows and the weights.
+maps). One file per image, written atomically (``serialization.save_file``) and keyed by
+everything that determines it: all the backbone's weights, the image file's bytes, the exact
+windows, the context padding, warp size, pooling levels, storage dtype and ``CACHE_VERSION``;
+a corrupt or truncated file is recomputed with a warning.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from spp_detect.datasets.images import read_image
 from spp_detect.datasets.records import ImageRecord
-from spp_detect.utils import atomic_torch_save, null_timer
-from spp_detect.training.conv_cache import weights_digest
+from spp_detect.proposals.cache import read_image_bytes
+from spp_detect.serialization import load_file, save_file
+from spp_detect.training.conv_cache import record_image, weights_digest
+from spp_detect.utils import bytes_digest, null_timer
 
-__all__ = ["RCNNWindowFeatures"]
+__all__ = ["CACHE_VERSION", "RCNNWindowFeatures"]
 
 logger = logging.getLogger(__name__)
+
+# Bump when the meaning or layout of a cached file changes: every older file is recomputed.
+CACHE_VERSION = 2
 
 
 class RCNNWindowFeatures:
     """Pooled features of the training windows of each image (R-CNN).
+
+    The backbone's weights are hashed once, when the object is made.
 
     Args:
         detector: the ``RCNNDetector`` being trained.
@@ -41,33 +50,68 @@ class RCNNWindowFeatures:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.dtype = getattr(torch, dtype)
-        self.weights = weights_digest(detector.backbone)
+        m = detector.config.model
+        self._key_fields: Dict[str, Any] = dict(
+            version=CACHE_VERSION,
+            backbone=detector.backbone.name,
+            backbone_kwargs=m.backbone_kwargs,
+            weights=weights_digest(detector.backbone),
+            context_pad=int(m.context_pad),
+            warp_size=int(detector.warp_size),
+            levels=list(m.levels),
+            dtype=dtype,
+        )
         self.images: Sequence = []
         self._pooled: Dict[int, Tensor] = {}
 
-    def _key(self, record: ImageRecord, windows: Tensor) -> str:
-        coords = np.round(windows.detach().cpu().double().numpy() * 16).astype(np.int64)
-        h = hashlib.sha1(coords.tobytes()).hexdigest()[:16]
-        st = record.path.stat()
-        m = self.detector.config.model
-        return f"{self.weights}|{m.context_pad}|{st.st_size}|{st.st_mtime_ns}|{h}"
+    def _key(self, record: ImageRecord, data: bytes, windows: Tensor) -> str:
+        """Key of the pooled ``windows`` of ``record``, whose file's bytes are ``data``."""
+        coords = np.ascontiguousarray(windows.detach().cpu().numpy(), dtype=np.float32)
+        fields = dict(
+            image=bytes_digest(data),
+            flipped=record.flipped,
+            windows=bytes_digest(coords.tobytes()),
+            **self._key_fields,
+        )
+        return json.dumps(fields, sort_keys=True, default=str)
+
+    def _load(self, path: Path, key: str, num_windows: int) -> Optional[Tensor]:
+        """The cached vectors if the file is readable and holds ``key`` (a corrupt, truncated
+        or malformed file is logged as a warning and ``None`` returned)."""
+        if not path.is_file():
+            return None
+        try:
+            data = load_file(path, what="R-CNN feature cache file")
+        except Exception as e:  # noqa: BLE001 - torch raises many types on a damaged file
+            logger.warning("%s: unreadable R-CNN feature cache file, recomputing (%s)", path, e)
+            return None
+        try:
+            if not isinstance(data, dict) or not isinstance(data.get("key"), str):
+                raise ValueError("not an R-CNN feature cache entry")
+            if data["key"] != key:
+                return None
+            pooled = data["pooled"]
+            want = (num_windows, self.detector.pooled_dim)
+            if not isinstance(pooled, Tensor) or tuple(pooled.shape) != want:
+                raise ValueError(f"pooled features are not a {list(want)} tensor")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            logger.warning("%s: unreadable R-CNN feature cache file, recomputing (%s)", path, e)
+            return None
+        return pooled
 
     def _load_or_compute(self, record: ImageRecord, windows: Tensor) -> Tensor:
         path = self.cache_dir / f"{record.image_id}.pt"
-        key = self._key(record, windows)
-        if path.is_file():
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True)
-                if data.get("key") == key:
-                    return data["pooled"]
-            except Exception:  # noqa: BLE001 - a corrupt or partial file is recomputed
-                logger.warning("%s: unreadable R-CNN feature cache entry, recomputing", path)
+        data = read_image_bytes(record.path)
+        key = self._key(record, data, windows)
+        pooled = self._load(path, key, windows.shape[0])
+        if pooled is not None:
+            return pooled
         det = self.detector
         with torch.no_grad():
-            x = det.preprocess(read_image(record.path))
+            x = det.preprocess(record_image(record, data))
             pooled = det.pool_windows(x, windows.to(det.device), null_timer()).cpu()
         pooled = pooled.to(self.dtype)
-        atomic_torch_save({"key": key, "pooled": pooled}, path)
+        save_file({"key": key, "pooled": pooled}, path)
         return pooled
 
     def prepare(self, images) -> dict:
