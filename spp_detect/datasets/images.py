@@ -38,6 +38,8 @@ from typing import List, Optional, Union
 
 import numpy as np
 
+from ..errors import UserInputError
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_EXTENSIONS",
@@ -203,7 +205,7 @@ def list_images(path_or_glob: PathLike) -> List[Path]:
         Paths sorted by their string form; folders and globs keep only files whose suffix is in
         :data:`SUPPORTED_EXTENSIONS` (case-insensitive). May be empty.
     Raises:
-        ValueError: a path that is neither a file, a folder nor a glob pattern.
+        UserInputError: a path that is neither a file, a folder nor a glob pattern.
     """
     text = os.fspath(path_or_glob)
     p = Path(text)
@@ -218,7 +220,7 @@ def list_images(path_or_glob: PathLike) -> List[Path]:
     if _GLOB_CHARS & set(text):
         matches = (Path(m) for m in glob.glob(text, recursive=True))
         return sorted((m for m in matches if m.is_file() and _is_image_name(m)), key=str)
-    raise ValueError(f"{text}: no such file or folder")
+    raise UserInputError(f"{text}: no such file or folder")
 
 
 # --------------------------------------------------------------------------------------------

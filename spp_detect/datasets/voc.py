@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..errors import UserInputError
 from ..structures.voc_pixels import voc_pixels_to_boxes
 from .records import ImageRecord
 
@@ -85,7 +86,9 @@ def _flag(obj: ET.Element, tag: str, path: Path, k: int) -> bool:
     try:
         return bool(int(float(node.text)))
     except ValueError:
-        raise ValueError(f"{path}: object {k}: <{tag}> is not a number: {node.text!r}") from None
+        raise UserInputError(
+            f"{path}: object {k}: <{tag}> is not a number: {node.text!r}"
+        ) from None
 
 
 def parse_voc_xml(path: PathLike) -> VOCAnnotation:
@@ -98,11 +101,11 @@ def parse_voc_xml(path: PathLike) -> VOCAnnotation:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: annotation file not found")
+        raise UserInputError(f"{path}: annotation file not found")
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
-        raise ValueError(f"{path}: malformed XML ({e})") from None
+        raise UserInputError(f"{path}: malformed XML ({e})") from None
     width = height = 0
     size = root.find("size")
     if size is not None:
@@ -110,23 +113,23 @@ def parse_voc_xml(path: PathLike) -> VOCAnnotation:
             width = int(float(size.findtext("width", "0")))
             height = int(float(size.findtext("height", "0")))
         except ValueError:
-            raise ValueError(f"{path}: <size> is not numeric") from None
+            raise UserInputError(f"{path}: <size> is not numeric") from None
     names, boxes, difficult, truncated = [], [], [], []
     for k, obj in enumerate(root.findall("object")):
         name = (obj.findtext("name") or "").strip()
         if not name:
-            raise ValueError(f"{path}: object {k} has no <name>")
+            raise UserInputError(f"{path}: object {k} has no <name>")
         bndbox = obj.find("bndbox")
         if bndbox is None:
-            raise ValueError(f"{path}: object {k} ({name}) has no <bndbox>")
+            raise UserInputError(f"{path}: object {k} ({name}) has no <bndbox>")
         try:
             box = [float(bndbox.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]
         except (TypeError, ValueError):
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: object {k} ({name}): <bndbox> needs numeric xmin, ymin, xmax, ymax"
             ) from None
         if not np.all(np.isfinite(box)) or box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(f"{path}: object {k} ({name}): invalid box {box} (xmax < xmin?)")
+            raise UserInputError(f"{path}: object {k} ({name}): invalid box {box} (xmax < xmin?)")
         names.append(name)
         boxes.append(box)
         difficult.append(_flag(obj, "difficult", path, k))
@@ -170,13 +173,13 @@ def _read_split(path: Path) -> List[str]:
         # Per-class split files ("<id> 1") carry a label after the id; the id comes first.
         image_id = fields[0]
         if image_id in seen:
-            raise ValueError(
+            raise UserInputError(
                 f"{path}:{lineno}: image id {image_id!r} repeated (first on line {seen[image_id]})"
             )
         seen[image_id] = lineno
         ids.append(image_id)
     if not ids:
-        raise ValueError(f"{path}: split file lists no image ids")
+        raise UserInputError(f"{path}: split file lists no image ids")
     return ids
 
 
@@ -218,18 +221,18 @@ class VOCDataset:
             root = root.parent  # the VOC<year> folder itself was given
         self.root = root
         if not root.is_dir():
-            raise ValueError(f"{root}: VOC root folder not found; {_layout(self.year, split)}")
+            raise UserInputError(f"{root}: VOC root folder not found; {_layout(self.year, split)}")
         voc_dir = root / f"VOC{self.year}"
         if not voc_dir.is_dir():
             years = available_years(root)
             found = f" (found years: {', '.join(years)})" if years else ""
-            raise ValueError(f"{voc_dir}: folder not found{found}; {_layout(self.year, split)}")
+            raise UserInputError(f"{voc_dir}: folder not found{found}; {_layout(self.year, split)}")
         self.voc_dir = voc_dir
         split_file = voc_dir / "ImageSets" / "Main" / f"{self.split}.txt"
         if not split_file.is_file():
             splits = available_splits(root, self.year)
             found = f" (available splits: {', '.join(splits)})" if splits else ""
-            raise ValueError(f"{split_file}: split file not found{found}")
+            raise UserInputError(f"{split_file}: split file not found{found}")
         self.image_ids = _read_split(split_file)
         anns = [parse_voc_xml(voc_dir / "Annotations" / f"{i}.xml") for i in self.image_ids]
 
@@ -238,7 +241,7 @@ class VOCDataset:
             class_names = VOC_CLASSES if set(names) <= set(VOC_CLASSES) else names
         self.class_names = [str(c) for c in class_names]
         if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"class_names has duplicates: {self.class_names}")
+            raise UserInputError(f"class_names has duplicates: {self.class_names}")
         index = {c: k for k, c in enumerate(self.class_names)}
 
         images = self._list_images(voc_dir / "JPEGImages")
@@ -250,7 +253,7 @@ class VOCDataset:
             if not keep.all():
                 if not skip_unknown:
                     bad = sorted({n for n in ann.names if n not in index})
-                    raise ValueError(
+                    raise UserInputError(
                         f"{xml_path}: object class {bad[0]!r} is not one of the "
                         f"{len(self.class_names)} classes ({', '.join(self.class_names[:5])}"
                         f"{', ...' if len(self.class_names) > 5 else ''}); pass "
@@ -314,7 +317,7 @@ class VOCDataset:
             with Image.open(image_path) as im:
                 return im.size
         except Exception as e:  # noqa: BLE001 - any failure means: no size available
-            raise ValueError(
+            raise UserInputError(
                 f"{xml_path}: no <size> and image {image_path} is unreadable ({e})"
             ) from None
 
