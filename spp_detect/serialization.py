@@ -79,5 +79,5 @@ def load_file(path: PathLike, what: str = "file", map_location: Any = "cpu") -> 
                 "types (it could run code when loaded)"
             ) from None
         raise UserInputError(f"{path}: not a readable {what} ({reason[:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any other failure to parse a user's file
         raise UserInputError(f"{path}: not a readable {what} ({type(exc).__name__})") from None

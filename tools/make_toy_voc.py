@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spp_detect.cli_common import positive_int, run_user_command
+from spp_detect.cli_common import non_negative_int, positive_int, run_user_command
 from spp_detect.datasets.toy_voc import TOY_CLASSES, make_toy_voc
 
 
@@ -23,8 +23,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, type=Path, help="VOCdevkit folder to write")
     p.add_argument("--num-train", type=positive_int, default=60, help="training images")
-    p.add_argument("--num-val", type=positive_int, default=20, help="validation images")
-    p.add_argument("--num-test", type=positive_int, default=40, help="test images")
+    p.add_argument("--num-val", type=non_negative_int, default=20, help="validation images")
+    p.add_argument("--num-test", type=non_negative_int, default=40, help="test images")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--min-size", type=positive_int, default=200, help="smallest image side (px)")
     p.add_argument("--max-size", type=positive_int, default=400, help="largest image side (px)")
