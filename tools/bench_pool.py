@@ -36,12 +36,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=256, help="conv5 channels of ZF-5")
     p.add_argument("--windows", type=int, default=2000, help="windows per image (sec. 4.1)")
     p.add_argument("--levels", type=int, nargs="+", default=[6, 3, 2, 1])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--backward", action="store_true", help="also time forward + backward")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stages", action="store_true",
+        help="instead: time pool_windows' stages (table, corner rows, whole) per map dtype/layout",
+    )  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
     return p
 
@@ -121,9 +125,62 @@ def _print_summary(result: dict, args: argparse.Namespace) -> None:
     )
 
 
+def pool_stages(fmap: torch.Tensor, cells: torch.Tensor, levels, repeats: int) -> dict:
+    """Median milliseconds of ``window_pool._pool``'s stages for the map in float32 / bfloat16,
+    contiguous / channels-last (what ``test.fast_conv`` gives it), and of a plain copy of an
+    output-sized buffer (the memory-bandwidth bound: the output must be written once)."""
+    from spp_detect.modeling import window_pool as wp
+
+    levels = tuple(levels)
+    maps = {
+        "float32": fmap.float(),
+        "bfloat16": fmap.bfloat16(),
+        "float32 channels-last": fmap.float()[None].contiguous(memory_format=CL)[0],
+        "bfloat16 channels-last": fmap.bfloat16()[None].contiguous(memory_format=CL)[0],
+    }
+    out = {}
+    for name, fm in maps.items():
+        t = {"table": [], "corner rows": [], "whole": []}
+        for _ in range(repeats):
+            base_levels, _ = wp._pyramid_plan(levels)
+            anchors, ka, kb = wp._bin_corners(cells, base_levels)
+            t0 = time.perf_counter()
+            table, offsets, widths = wp._build_table(fm, ka, kb)
+            t1 = time.perf_counter()
+            wp._corner_rows(anchors, ka, kb, offsets, widths)
+            t2 = time.perf_counter()
+            res = wp._pool(fm, cells, levels)
+            t3 = time.perf_counter()
+            t["table"].append(t1 - t0)
+            t["corner rows"].append(t2 - t1)
+            t["whole"].append(t3 - t2)
+        out[name] = {k: 1000 * statistics.median(v) for k, v in t.items()}
+        copies = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.empty_like(res).copy_(res)
+            copies.append(time.perf_counter() - t0)
+        out[name]["copy of output"] = 1000 * statistics.median(copies)
+        print(name, {k: round(v, 1) for k, v in out[name].items()}, "ms")
+    return out
+
+
+CL = torch.channels_last
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stages:
+        gen = torch.Generator().manual_seed(args.seed)
+        map_hw = (args.image_hw[0] // args.stride, args.image_hw[1] // args.stride)
+        fmap = torch.relu(torch.randn(args.channels, *map_hw, generator=gen))
+        windows = random_windows(args.windows, args.image_hw, gen)
+        cells = project_windows(windows, args.stride, 0.0, map_hw)
+        result = {"stages_ms": pool_stages(fmap, cells, args.levels, args.repeats)}
+        if args.output is not None:
+            args.output.write_text(json.dumps(result, indent=2))
+        return result
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available")
     gen = torch.Generator().manual_seed(args.seed)

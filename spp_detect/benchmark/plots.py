@@ -132,9 +132,29 @@ def _measured_table(methods: Mapping[str, Any], speedup: Mapping[str, float]) ->
     return lines
 
 
+def describe_test_options(opts: Mapping[str, Any]) -> str:
+    """``variants.describe_method``'s ``test_options`` in words."""
+    parts = []
+    ranks = list(opts.get("svd_ranks") or [0, 0])
+    if any(ranks):
+        parts.append(f"fc6/fc7 truncated SVD ranks {ranks[0]}/{ranks[1]}")
+    if opts.get("fast_head", "off") != "off":
+        parts.append(f"fc6/fc7 in {opts['fast_head']}")
+    if opts.get("fast_conv", "off") != "off":
+        parts.append(f"conv in {opts['fast_conv']}")
+    return ", ".join(parts) if parts else "float32 as trained"
+
+
 def _notes(methods: Mapping[str, Any]) -> List[str]:
     """Footnotes: extrapolated stages and unmeasured accuracy."""
     notes = []
+    for name, m in methods.items():
+        opts = m.get("test_options")
+        if opts:
+            notes.append(f"{name}: {describe_test_options(opts)}.")
+    if notes:
+        notes.insert(0, "Test-time options per method:")
+        notes.append("")
     for name, m in methods.items():
         if m.get("extrapolated"):
             scaled = ", ".join(m.get("extrapolated_stages", [])) or "per-window stages"

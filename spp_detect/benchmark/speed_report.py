@@ -58,6 +58,9 @@ class SpeedSettings:
     five_scales: Tuple[int, ...] = PAPER_FIVE_SCALES
     # Seed of the untrained heads (no model file).
     seed: int = 0
+    # R-CNN with spp-1scale-fast's test-time speed options (variants.FAST_OPTIONS): "auto"
+    # (when spp-1scale-fast is timed, so that its speed-up compares like with like), "on", "off".
+    rcnn_fast: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
@@ -245,6 +248,7 @@ def run_speed_report(
     detectors, info = build_method_detectors(
         settings.methods, dataset.class_names, config, dev, loaded, loaded_rcnn, weights,
         settings.single_scale, settings.five_scales, settings.seed,
+        rcnn_fast=settings.rcnn_fast,
     )  # fmt: skip
     load_before = load_average()
     images = [read_image(r.path) for r in records]

@@ -1,5 +1,10 @@
 """The detectors the speed report compares: SPP-net at one scale, at one scale with truncated-SVD
-fc layers, at five scales, and the R-CNN baseline, all on the same backbone weights.
+fc layers, at one scale with every test-time speed option (``spp-1scale-fast``), at five scales,
+and the R-CNN baseline, all on the same backbone weights.
+
+The test-time speed options (``FastOptions``: truncated SVD, ``test.fast_head``,
+``test.fast_conv``) are offered to R-CNN too: when ``spp-1scale-fast`` is timed, R-CNN runs
+with the same options (``rcnn_fast="auto"``), so that the speed-up compares like with like.
 
 Each SPP-net variant is a configured copy of one detector (``with_settings``): the copies share
 the backbone, fc and SVM weights, and the detector they come from is never changed. Without a
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,12 +36,15 @@ __all__ = [
     "PAPER_FIVE_SCALES",
     "attach_untrained_heads",
     "spp_variant",
+    "FastOptions",
+    "FAST_OPTIONS",
+    "fast_settings",
     "build_method_detectors",
 ]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn")
+METHODS = ("spp-1scale", "spp-1scale-svd", "spp-1scale-fast", "spp-5scale", "rcnn")
 # Fast R-CNN (sec. 3.1) keeps 1024 of fc6's and 256 of fc7's 4096 values: 1/4 and 1/16 of the
 # width, so a narrower head gets ranks in the same proportion.
 SVD_FRACTIONS = (4, 16)
@@ -50,6 +59,30 @@ _UNTRAINED_SVM_BIAS = -1.0
 _UNTRAINED_BBOX_STD = 1e-4
 
 WeightsArg = Union[str, bool, os.PathLike]
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    # Truncated SVD of fc6/fc7 at Fast R-CNN's proportions (SVD_FRACTIONS).
+    svd: bool = True
+    # test.fast_head: fc6/fc7 arithmetic ("off", "bf16", "int8"; modeling/fast_head.py).
+    fast_head: str = "bf16"
+    # test.fast_conv: conv pass ("off", "channels_last", "bf16"; modeling/fast_conv.py).
+    fast_conv: str = "bf16"
+
+
+# The fastest combination measured on a 2-core Zen 4 (docs/speed.md: tools/bench_fc.py,
+# tools/bench_conv.py) whose toy mAP stays within 0.3 points of float32's.
+FAST_OPTIONS = FastOptions()
+
+
+def fast_settings(detector: WindowDetector, options: FastOptions = FAST_OPTIONS) -> Dict[str, Any]:
+    """``with_settings`` keyword arguments for ``options`` on ``detector``'s head width."""
+    h = detector.head.hidden
+    out: Dict[str, Any] = {"fast_head": options.fast_head, "fast_conv": options.fast_conv}
+    if options.svd:
+        out.update(svd_fc6=max(1, h // SVD_FRACTIONS[0]), svd_fc7=max(1, h // SVD_FRACTIONS[1]))
+    return out
 
 
 @torch.no_grad()
@@ -82,13 +115,17 @@ def spp_variant(
     method: str,
     single_scale: Sequence[int] = PAPER_SINGLE_SCALE,
     five_scales: Sequence[int] = PAPER_FIVE_SCALES,
+    fast: FastOptions = FAST_OPTIONS,
 ) -> SPPDetector:
     """A configured copy of ``detector`` for one ``spp-*`` method (``detector`` is unchanged).
 
     ``spp-1scale``: ``single_scale``; ``spp-5scale``: ``five_scales``; ``spp-1scale-svd``:
     ``single_scale`` with fc6/fc7 compressed by truncated SVD at ranks ``hidden // 4`` and
-    ``hidden // 16`` (Fast R-CNN's 1024 and 256 for a 4096-wide head).
+    ``hidden // 16`` (Fast R-CNN's 1024 and 256 for a 4096-wide head); ``spp-1scale-fast``:
+    ``single_scale`` with the ``fast`` options.
     """
+    if method == "spp-1scale-fast":
+        return detector.with_settings(scales=single_scale, **fast_settings(detector, fast))
     if method == "spp-1scale":
         return detector.with_settings(scales=single_scale)
     if method == "spp-5scale":
@@ -175,6 +212,12 @@ def describe_method(method: str, detector: WindowDetector) -> Dict[str, Any]:
     info: Dict[str, Any] = {"pooled_dim": detector.pooled_dim, "hidden": detector.head.hidden}
     if test.svd_fc6 or test.svd_fc7:
         info["svd_ranks"] = [test.svd_fc6, test.svd_fc7]
+    # The test-time speed options this method ran with (all "off"/0: float32 as trained).
+    info["test_options"] = {
+        "svd_ranks": [test.svd_fc6, test.svd_fc7],
+        "fast_head": test.fast_head,
+        "fast_conv": test.fast_conv,
+    }
     if method.startswith("spp"):
         info["scales"] = list(model.scales)
         info["levels"] = list(model.levels)
@@ -196,6 +239,8 @@ def build_method_detectors(
     single_scale: Sequence[int] = PAPER_SINGLE_SCALE,
     five_scales: Sequence[int] = PAPER_FIVE_SCALES,
     seed: int = 0,
+    fast: FastOptions = FAST_OPTIONS,
+    rcnn_fast: str = "auto",
 ) -> Tuple[Dict[str, WindowDetector], Dict[str, Dict[str, Any]]]:
     """One detector per method, in eval mode on ``device``, on one backbone's weights.
 
@@ -209,6 +254,9 @@ def build_method_detectors(
             untrained heads on the SPP model's backbone module (or on a fresh backbone).
         weights: backbone weights of fresh detectors ("auto", "imagenet", "none" or a file).
         seed: seed of the untrained heads.
+        fast: the test-time speed options of ``spp-1scale-fast``.
+        rcnn_fast: "auto" (R-CNN gets ``fast`` too when ``spp-1scale-fast`` is timed, so that
+            its speed-up compares like with like), "on" or "off".
     Returns:
         ``{method: detector}`` in the order of ``methods`` and, per method, ``heads``
         ("model" or "untrained"), ``backbone_weights``, ``backbone_shared`` (False where the
@@ -233,12 +281,16 @@ def build_method_detectors(
             fresh = SPPDetector(backbone, class_names, config).to(device).eval()
             base = attach_untrained_heads(fresh, seed)
         for m in spp_methods:
-            out[m] = spp_variant(base, m, single_scale, five_scales)
+            out[m] = spp_variant(base, m, single_scale, five_scales, fast)
             info[m] = _origin("model" if model is not None else "untrained", source, True)
     if "rcnn" in methods:
         out["rcnn"], info["rcnn"] = _rcnn_method(
             backbone, source, class_names, config, device, model, rcnn_model, seed
         )
+        if rcnn_fast not in ("auto", "on", "off"):
+            raise ValueError(f"rcnn_fast must be auto, on or off, got {rcnn_fast!r}")
+        if rcnn_fast == "on" or (rcnn_fast == "auto" and "spp-1scale-fast" in methods):
+            out["rcnn"] = out["rcnn"].with_settings(**fast_settings(out["rcnn"], fast))
     for m, det in out.items():
         info[m].update(describe_method(m, det))
     return {m: out[m] for m in methods}, {m: info[m] for m in methods}

@@ -106,7 +106,8 @@ def _run_key(detector: WindowDetector, proposals_file) -> Dict[str, Any]:
     digest = hashlib.sha1()
     for name, tensor in sorted(detector.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # Raw bytes via uint8 (numpy has no bfloat16: test.fast_head / fast_conv copies).
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     config = detector.config
     return json.loads(json.dumps({
         "weights": digest.hexdigest(),

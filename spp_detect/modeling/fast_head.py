@@ -1,0 +1,149 @@
+"""Test-time fc6/fc7 at lower precision: a read-only copy of a trained ``FCHead``.
+
+On a CPU, fc6 (12800 x 4096 for ZF-5) and fc7 (4096 x 4096) applied to ~2,000 windows dominate
+SPP-net's test time (issue 11: 79% of it in float32). Two cheaper arithmetics, measured with
+``tools/bench_fc.py`` (figures in ``docs/speed.md``):
+
+- ``"bf16"``: weights and activations in bfloat16, float32 accumulation (oneDNN's AVX-512 BF16
+  kernels where the CPU has them; CUDA tensor cores on a GPU). Each product carries a relative
+  error of at most ``2 * 2**-9`` (two roundings to an 8-bit significand).
+- ``"int8"``: dynamic quantisation: int8 weights with one scale per output row, activations
+  quantised per window (per row) at run time, int32 accumulation (AVX-512 VNNI). Error per
+  product: half a quantisation step of the weight and of the activation.
+
+Either combines with the truncated SVD of ``FCHead.compress`` (Fast R-CNN's ranks 1024/256),
+which cuts the multiply-adds by 4-10x before the arithmetic gets cheaper. The head built here
+is never saved: ``WindowDetector.with_settings(fast_head=...)`` makes it from the trained head,
+which stays as it was (and is what ``save`` writes).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .head import FCHead
+
+__all__ = ["FAST_HEAD_MODES", "FastFCHead", "Int8Linear", "build_fast_head"]
+
+# "off": the float32 head as trained.
+FAST_HEAD_MODES = ("off", "bf16", "int8")
+
+# Symmetric int8 range: weights and activations quantised to [-127, 127] (no -128), so that
+# a product of two never overflows the int16 pairs VNNI adds before its int32 accumulation.
+_INT8_MAX = 127.0
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 weights (one scale per output row) and per-row dynamic int8
+    activations; ``y = (q(x) @ q(W)^T) * s_x * s_w + b``, computed with ``torch._int_mm``
+    (int8 x int8 -> int32, oneDNN / VNNI on the CPU, cuBLASLt on CUDA).
+
+    Args:
+        layer: a trained float ``nn.Linear`` (not changed).
+    """
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        w = layer.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / _INT8_MAX  # [out]
+        # Stored transposed ([in, out], column-major view of [out, in]) as _int_mm wants it.
+        q = torch.round(w / scale[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        self.register_buffer("weight_t", q.t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        bias = layer.bias.detach().float() if layer.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tensor[N, in] float -> Tensor[N, out] float32."""
+        x = x.float()
+        sx = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / _INT8_MAX  # [N, 1]
+        qx = torch.round(x / sx).to(torch.int8)
+        acc = _int8_matmul(qx, self.weight_t)
+        y = acc.float() * (sx * self.weight_scale)
+        return y if self.bias is None else y + self.bias
+
+
+def _int8_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """int8 ``[N, K] @ [K, M] -> int32``; ``torch._int_mm`` needs ``N > 16`` on some backends,
+    so a few rows are padded."""
+    n = a.shape[0]
+    if n > 16:
+        return torch._int_mm(a, b)
+    pad = a.new_zeros(17, a.shape[1])
+    pad[:n] = a
+    return torch._int_mm(pad, b)[:n]
+
+
+def _convert(layer: nn.Module, mode: str) -> nn.Module:
+    """A copy of ``layer`` (``nn.Linear`` or the ``nn.Sequential`` of a truncated SVD) in
+    ``mode``'s arithmetic."""
+    if isinstance(layer, nn.Sequential):
+        return nn.Sequential(*(_convert(sub, mode) for sub in layer))
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"cannot convert {type(layer).__name__} to a fast layer")
+    if mode == "bf16":
+        return copy.deepcopy(layer).to(torch.bfloat16)
+    return Int8Linear(layer)
+
+
+class FastFCHead(nn.Module):
+    """fc6 -> ReLU -> fc7 -> ReLU in bfloat16 or int8, then the float32 cls_score; test only.
+
+    Same interface as ``FCHead`` at test time (``predict``, ``fc7_features``, ``cls_score``,
+    ``svd_ranks``, ``hidden``); fc7 comes back as float32 for the SVMs.
+
+    Args:
+        head: a trained ``FCHead``, possibly compressed by truncated SVD (not changed: the
+            layers here are copies).
+        mode: ``"bf16"`` or ``"int8"`` (see the module docstring).
+    """
+
+    def __init__(self, head: FCHead, mode: str) -> None:
+        super().__init__()
+        if mode not in FAST_HEAD_MODES or mode == "off":
+            raise ValueError(f"fast_head must be one of {', '.join(FAST_HEAD_MODES)}, got {mode!r}")
+        self.fast_mode = mode
+        self.in_features, self.num_classes = head.in_features, head.num_classes
+        self.hidden = head.hidden
+        self.svd_ranks = tuple(head.svd_ranks)
+        self.dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        self.register_buffer("input_scale", head.input_scale.detach().clone())
+        self.fc6 = _convert(head.fc6, mode)
+        self.fc7 = _convert(head.fc7, mode)
+        # cls_score is (K + 1) x 4096: too small to matter; kept in float32.
+        self.cls_score = copy.deepcopy(head.cls_score)
+        self.requires_grad_(False)
+        self.eval()
+
+    def compress(self, fc6_rank: int, fc7_rank: int) -> "FastFCHead":
+        raise ValueError("compress the float32 head (FCHead.compress), then make it fast")
+
+    def fc7_features(self, pooled: Tensor, dropout: Optional[bool] = None) -> Tensor:
+        """Tensor[R, in_features] (any float dtype) -> Tensor[R, hidden] float32 (fc7 after
+        ReLU). No dropout: this head is for testing only."""
+        if dropout:
+            raise ValueError("a fast head is for testing only (no dropout)")
+        x = (pooled * self.input_scale.to(pooled.dtype)).to(self.dtype)
+        x = torch.relu(self.fc6(x))
+        return torch.relu(self.fc7(x.to(self.dtype))).float()
+
+    def predict(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(fc7 Tensor[R, hidden] float32, cls_score logits Tensor[R, K + 1])``."""
+        fc7 = self.fc7_features(pooled)
+        return fc7, self.cls_score(fc7)
+
+    def forward(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.predict(pooled)
+
+
+def build_fast_head(head: FCHead, mode: str) -> nn.Module:
+    """``head`` itself for ``mode == "off"``, else a ``FastFCHead`` copy of it."""
+    if mode == "off":
+        return head
+    return FastFCHead(head, mode)
