@@ -182,6 +182,14 @@ class SVMConfig:
     # last training, and once at the end (R-CNN rcnn_train.m and SPP_net spp_train.m:
     # cache.retrain_limit = 2000, hit_retrain_limit = num_added > retrain_limit).
     retrain_limit: int = 2000
+    # Cap on each class's cache of hard negatives (ours: R-CNN's cache has no bound; issue 10).
+    # When a class's cache grows past it, the hardest negatives (highest score under the
+    # class's current model; ties: first mined) are kept. Memory: K x cap x D x 4 bytes
+    # (20 classes, 4096-D fc7: 3.3 GB). 0: no cap. Below the cap nothing changes.
+    max_cached_negatives: int = 10000
+    # Write a resumable checkpoint of the mining and box-regression state (per image) at most
+    # this often, in seconds; a killed run continues from it (0: after every image).
+    checkpoint_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,14 @@ class BBoxRegConfig:
     # Training windows overlap a ground truth by more than 0.5 (SPP_net code; R-CNN: 0.6).
     # R-CNN's settings as an option: bbox_reg.iou_thresh=0.6 bbox_reg.lambda_=1000.
     iou_thresh: float = 0.5
+    # Training windows kept per image, drawn at random (ours: bounds the samples of an image
+    # with large objects; the papers keep all). 0: no cap.
+    max_per_image: int = 256
+    # Training windows kept per class over the whole set (ours; issue 10): a uniform reservoir
+    # sample (Vitter's algorithm R, seeded by finetune.seed) once a class has more. Memory:
+    # K x cap x D x 2 bytes (float16; 20 classes, 12,800-D pooled conv5: 2.6 GB). 0: no cap.
+    # Below the cap every window is kept, in image order, as without a cap.
+    max_samples: int = 5000
 
 
 @dataclass(frozen=True)
@@ -240,6 +256,11 @@ class DetectorConfig:
     # Worker processes for selective search. How the work is spread, not what it computes: no
     # cache key includes it.
     workers: int = 2
+    # Memory budget of training's in-memory window features, in MB (issue 10): pooled windows
+    # (SPP-net) or cached window vectors (R-CNN) are held in RAM only within it; beyond it they
+    # are pooled from the on-disk conv cache or read from disk per image, with the same values.
+    # 0: a quarter of the RAM available when training starts (MemAvailable).
+    memory_budget_mb: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

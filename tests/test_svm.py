@@ -376,3 +376,136 @@ def test_cuda_scores_match_cpu():
     cpu = svms.scores(x)
     torch.testing.assert_close(svms.scores(x.cuda()).cpu(), cpu)
     torch.testing.assert_close(svms.cuda().scores(x.cuda()).cpu(), cpu)
+
+
+# -- resumable SVM + box-regression stage (issue 10) -----------------------------------------
+
+RESUME_SETUP = '''
+import time
+import torch
+from torch import nn
+from spp_detect.config import BBoxRegConfig, DetectorConfig, SVMConfig
+from spp_detect.datasets.records import ImageRecord
+from spp_detect.modeling.head import FCHead
+from spp_detect.training.svm_bbox import train_svms_and_regressors
+
+K, D, R = 3, 32, 80
+
+
+def make_image(i):
+    g = torch.Generator().manual_seed(i)
+    xy = torch.rand(2, 2, generator=g) * 200
+    gt = torch.cat([xy, xy + 40 + torch.rand(2, 2, generator=g) * 60], dim=1)
+    labels = torch.randint(0, K, (2,), generator=g)
+    near = gt.repeat(20, 1) + torch.randn(40, 4, generator=g) * 6
+    xy = torch.rand(R - 42, 2, generator=g) * 250
+    far = torch.cat([xy, xy + 10 + torch.rand(R - 42, 2, generator=g) * 80], dim=1)
+    windows = torch.cat([gt, near, far])
+    windows[:, 2:] = torch.maximum(windows[:, 2:], windows[:, :2] + 1)
+    return type("Image", (), dict(
+        record=ImageRecord(str(i), "x.jpg", 300, 300), windows=windows, gt_boxes=gt,
+        gt_labels=labels, labels=torch.zeros(R, dtype=torch.long)))
+
+
+IMAGES = [make_image(i) for i in range(12)]
+
+
+class Source:
+    # Features: a class's one-hot centre for windows near its ground truth, noise elsewhere.
+    def __init__(self, delay=0.0):
+        self.delay = delay
+        self.images = IMAGES
+
+    def rows(self, i, idx, rng=None):
+        time.sleep(self.delay)
+        im = IMAGES[i]
+        g = torch.Generator().manual_seed(1000 + i)
+        feats = torch.randn(R, D, generator=g)
+        cls = torch.cat([im.gt_labels, im.gt_labels.repeat(20), torch.full((R - 42,), -1)])
+        feats[cls >= 0] += 3 * nn.functional.one_hot(cls[cls >= 0], D).float()
+        return feats[idx]
+
+
+class Det(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = FCHead(D, K, hidden=16, dropout=0.5)
+        self.backbone = nn.Linear(2, 2)
+        self.num_classes = K
+        self.device = torch.device("cpu")
+
+
+# Small retrain limit and caps, so that retrains, cache caps and reservoir draws all happen
+# while the run goes on.
+CFG = DetectorConfig(
+    svm=SVMConfig(retrain_limit=25, max_cached_negatives=40, checkpoint_seconds=0.0),
+    bbox_reg=BBoxRegConfig(max_samples=30, max_per_image=12),
+)
+
+
+def run(ckpt_path, delay=0.0):
+    det = Det()
+    return train_svms_and_regressors(det, Source(delay), IMAGES, CFG, checkpoint_path=ckpt_path)
+'''
+
+
+def _resume_namespace():
+    ns = {}
+    exec(RESUME_SETUP, ns)  # noqa: S102 - the same code runs in the child process
+    return ns
+
+
+def test_killed_svm_stage_resumes_to_the_uninterrupted_result(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ns = _resume_namespace()
+    ref_svms, ref_reg, ref_stats = ns["run"](None)
+    assert ref_reg is not None and bool(ref_svms.trained.all())
+    # The caps were reached (the resumed state includes capped caches and reservoirs).
+    assert max(ref_stats["svm_cache_sizes"]) <= 40 and ref_stats["bbox_samples"] == 3 * 30
+
+    ckpt = tmp_path / "svm.ckpt.pt"
+    script = tmp_path / "child.py"
+    script.write_text(RESUME_SETUP + f"\nrun({str(ckpt)!r}, delay=0.05)\n")
+    child = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            if ckpt.is_file():
+                try:
+                    done = torch.load(ckpt, weights_only=True)["next_image"]
+                except Exception:  # noqa: BLE001 - replaced while read
+                    done = 0
+                if done >= 5:
+                    break
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    killed_at = torch.load(ckpt, weights_only=True)["next_image"]
+    assert 5 <= killed_at < 12
+
+    svms, reg, stats = ns["run"](ckpt)
+    assert stats["resumed_at_image"] == killed_at
+    assert not ckpt.exists()  # removed once the pass is over
+    for name, value in ref_svms.state_dict().items():
+        assert torch.equal(value, svms.state_dict()[name]), name
+    for name, value in ref_reg.state_dict().items():
+        assert torch.equal(value, reg.state_dict()[name]), name
+    assert stats["svm_cache_sizes"] == ref_stats["svm_cache_sizes"]
+
+
+def test_svm_checkpoint_of_other_inputs_is_ignored(tmp_path):
+    ns = _resume_namespace()
+    ckpt = tmp_path / "svm.ckpt.pt"
+    from spp_detect.serialization import save_file
+
+    save_file({"key": "another head", "next_image": 11}, ckpt)
+    svms, _, stats = ns["run"](ckpt)
+    assert stats["resumed_at_image"] == 0 and bool(svms.trained.all())

@@ -11,7 +11,7 @@ solved in closed form. The result is a ``modeling.box_regression.BoxRegressor``.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -212,13 +212,19 @@ def fit_box_regressor(
 class BoxRegressionTrainer:
     """Gathers the regression windows image by image, then fits the regressors.
 
+    Memory is bounded twice (ours; the papers keep every window): at most ``max_per_image``
+    windows per image, drawn at random, and at most ``max_samples`` per class over the whole
+    set, a uniform sample of every window the class was offered (reservoir sampling, Vitter's
+    algorithm R: the t-th window replaces a random kept one with probability cap / t). Below
+    both caps every window is kept, per class in image order, and the fit is the uncapped one.
+
     Args:
         iou_thresh: a window is a sample when its highest IoU with a ground truth is above this
             (``BBoxRegConfig.iou_thresh``).
         lambda_: ridge weight (``BBoxRegConfig.lambda_``).
-        max_per_image: at most this many samples per image, drawn at random (bounds memory on
-            large datasets; ours, the papers keep all).
-        seed: seed of that draw.
+        max_per_image: at most this many samples per image (0: no cap).
+        max_samples: at most this many samples per class (0: no cap).
+        seed: seed of both draws.
         store_dtype: the samples' features are kept on the CPU in this dtype (float16 halves
             the memory of thousands of 12,800-D windows).
     """
@@ -228,42 +234,67 @@ class BoxRegressionTrainer:
         iou_thresh: float = 0.5,
         lambda_: float = 4000.0,
         max_per_image: int = 256,
+        max_samples: int = 0,
         seed: int = 0,
         store_dtype: torch.dtype = torch.float16,
     ) -> None:
         if lambda_ <= 0:
             raise ValueError(f"BoxRegressionTrainer: lambda_ must be positive, got {lambda_}")
+        if max_per_image < 0 or max_samples < 0:
+            raise ValueError(
+                f"BoxRegressionTrainer: caps must be >= 0, got max_per_image={max_per_image}, "
+                f"max_samples={max_samples}"
+            )
         self.iou_thresh = float(iou_thresh)
         self.lambda_ = float(lambda_)
         self.max_per_image = int(max_per_image)
+        self.max_samples = int(max_samples)
         self.store_dtype = store_dtype
         self._generator = torch.Generator().manual_seed(int(seed))
-        self._features: List[Tensor] = []
-        self._boxes: List[Tensor] = []
-        self._gt: List[Tensor] = []
-        self._labels: List[Tensor] = []
+        # Per class: chunks of (features, windows, matched ground truths), in arrival order,
+        # and how many windows the class was offered (the reservoir's t).
+        self._features: Dict[int, List[Tensor]] = {}
+        self._boxes: Dict[int, List[Tensor]] = {}
+        self._gt: Dict[int, List[Tensor]] = {}
+        self._seen: Dict[int, int] = {}
 
     @classmethod
     def from_config(cls, config: BBoxRegConfig, **kwargs) -> "BoxRegressionTrainer":
-        """A trainer with the IoU threshold and lambda of ``config``."""
-        return cls(iou_thresh=config.iou_thresh, lambda_=config.lambda_, **kwargs)
+        """A trainer with the IoU threshold, lambda and caps of ``config`` (keywords win)."""
+        fields = dict(
+            iou_thresh=config.iou_thresh,
+            lambda_=config.lambda_,
+            max_per_image=config.max_per_image,
+            max_samples=config.max_samples,
+        )
+        fields.update(kwargs)
+        return cls(**fields)
 
     @property
     def num_samples(self) -> int:
-        return sum(int(t.shape[0]) for t in self._labels)
+        return sum(self.class_samples(c) for c in self._features)
+
+    def class_samples(self, c: int) -> int:
+        """Samples kept for class ``c``."""
+        return sum(int(t.shape[0]) for t in self._features.get(c, []))
+
+    def offered(self, c: int) -> int:
+        """Windows offered to class ``c`` so far (kept or not)."""
+        return self._seen.get(c, 0)
 
     @torch.no_grad()
     def add_image(
         self, features: Tensor, windows: Tensor, gt_boxes: Tensor, gt_labels: Tensor
     ) -> Tensor:
-        """Keep this image's windows that overlap a ground truth by more than ``iou_thresh``.
+        """Offer this image's windows that overlap a ground truth by more than ``iou_thresh``.
 
         Args:
             features (Tensor[R, D]): features of the windows (pooled conv5).
             windows (Tensor[R, 4]): xyxy in pixels of the image.
             gt_boxes (Tensor[G, 4]), gt_labels (LongTensor[G]): the image's ground truths.
         Returns:
-            LongTensor: indices of the windows kept (sorted unless subsampled).
+            LongTensor: indices of the windows offered after the per-image cap (sorted unless
+            subsampled); the per-class cap may drop some of them later.
         """
         _check_boxes(windows, "windows")
         if features.shape[0] != windows.shape[0]:
@@ -279,26 +310,99 @@ class BoxRegressionTrainer:
         if 0 < self.max_per_image < sel.numel():
             pick = torch.randperm(sel.numel(), generator=self._generator)[: self.max_per_image]
             sel = sel[pick]
-        self._features.append(features[sel.to(features.device)].to("cpu", self.store_dtype))
-        self._boxes.append(windows[sel])
-        self._gt.append(gt_boxes[match[sel]])
-        self._labels.append(gt_labels.cpu()[match[sel]])
+        feats = features[sel.to(features.device)].to("cpu", self.store_dtype)
+        labels = gt_labels.cpu()[match[sel]]
+        for c in torch.unique(labels).tolist():  # ascending: a fixed order of the draws
+            rows = torch.nonzero(labels == c).flatten()
+            self._offer(c, feats[rows], windows[sel[rows]], gt_boxes[match[sel[rows]]])
         return sel
+
+    def _offer(self, c: int, feats: Tensor, boxes: Tensor, gt: Tensor) -> None:
+        """Keep what fits below the cap; the rest goes through the reservoir."""
+        for store in (self._features, self._boxes, self._gt):
+            store.setdefault(c, [])
+        seen = self._seen.get(c, 0)
+        self._seen[c] = seen + feats.shape[0]
+        room = feats.shape[0] if self.max_samples == 0 else self.max_samples - seen
+        room = max(0, min(room, feats.shape[0]))
+        if room:
+            self._features[c].append(feats[:room])
+            self._boxes[c].append(boxes[:room])
+            self._gt[c].append(gt[:room])
+        extra = feats.shape[0] - room
+        if extra == 0:
+            return
+        # Algorithm R: window number t (1-based, over the class) replaces slot j, j uniform in
+        # [0, t), when j < cap. Later windows overwrite earlier ones, as in the sequential rule.
+        for store in (self._features, self._boxes, self._gt):
+            store[c] = [torch.cat(store[c])]
+        t = torch.arange(seen + room + 1, seen + feats.shape[0] + 1, dtype=torch.float64)
+        u = torch.rand(extra, generator=self._generator, dtype=torch.float64)
+        slots = (u * t).floor().long().tolist()
+        last = {}
+        for i, j in enumerate(slots):
+            if j < self.max_samples:
+                last[j] = room + i
+        if last:
+            slot = torch.tensor(list(last.keys()))
+            src = torch.tensor(list(last.values()))
+            self._features[c][0][slot] = feats[src]
+            self._boxes[c][0][slot] = boxes[src]
+            self._gt[c][0][slot] = gt[src]
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue (plain types and tensors, for ``save_file``)."""
+        classes = sorted(self._features)
+        for store in (self._features, self._boxes, self._gt):
+            for c in classes:
+                if len(store[c]) > 1:
+                    store[c] = [torch.cat(store[c])]
+        return {
+            "classes": classes,
+            "features": [self._features[c][0] if self._features[c] else None for c in classes],
+            "boxes": [self._boxes[c][0] if self._boxes[c] else None for c in classes],
+            "gt": [self._gt[c][0] if self._gt[c] else None for c in classes],
+            "seen": [self._seen[c] for c in classes],
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue from ``state_dict()``."""
+        self._features, self._boxes, self._gt, self._seen = {}, {}, {}, {}
+        for i, c in enumerate(state["classes"]):
+            for store, name in ((self._features, "features"), (self._boxes, "boxes"),
+                                (self._gt, "gt")):  # fmt: skip
+                t = state[name][i]
+                store[c] = [] if t is None else [t]
+            self._seen[c] = int(state["seen"][i])
+        self._generator.set_state(state["generator"])
 
     def fit(
         self, num_classes: int, feature_scale: Optional[float] = None, **kwargs
     ) -> Optional[BoxRegressor]:
-        """The regressors fitted on every sample so far (``fit_box_regressor``; keywords go to
+        """The regressors fitted on every sample kept (``fit_box_regressor``; keywords go to
         it), or None when there is no sample (a detector without regressor keeps its windows).
         """
         if self.num_samples == 0:
             logger.warning("box regression: no training windows; no regressor trained")
             return None
+        classes = [c for c in sorted(self._features) if self.class_samples(c)]
+        for c in classes:
+            if self.offered(c) > self.class_samples(c):
+                logger.info(
+                    "box regression: class %d keeps a uniform sample of %d of its %d windows",
+                    c,
+                    self.class_samples(c),
+                    self.offered(c),
+                )
+        labels = [torch.full((self.class_samples(c),), c, dtype=torch.long) for c in classes]
+        # Features stay in their storage dtype: the fit converts one class at a time to float64.
         return fit_box_regressor(
-            torch.cat(self._features).float(),
-            torch.cat(self._boxes),
-            torch.cat(self._gt),
-            torch.cat(self._labels),
+            torch.cat([t for c in classes for t in self._features[c]]),
+            torch.cat([t for c in classes for t in self._boxes[c]]),
+            torch.cat([t for c in classes for t in self._gt[c]]),
+            torch.cat(labels),
             num_classes,
             lambda_=self.lambda_,
             iou_thresh=self.iou_thresh,

@@ -4,12 +4,25 @@
   ``training/svm_training.py``);
 - per-class ridge box regressors on the pooled conv features of windows that overlap a ground
   truth (SPP_net code: IoU > 0.5, lambda 4000; ``training/bbox_training.py``).
+
+At VOC or COCO size the pass takes hours, so it is bounded and resumable (issue 10): each
+class's negative cache and regression samples have caps (``svm.max_cached_negatives``,
+``bbox_reg.max_samples``), and the whole state (SVMs, caches, retrain counters, regression
+samples and their RNG, the next image) is checkpointed every ``svm.checkpoint_seconds`` at an
+image boundary, keyed by the fine-tuned head, the backbone, the training windows and the
+settings. A run killed at any point (``kill -9``) and started again ends with the SVMs and
+regressors of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,20 +33,22 @@ from tqdm import tqdm
 from spp_detect.config import DetectorConfig
 from spp_detect.modeling.box_regression import BoxRegressor
 from spp_detect.modeling.svm import LinearSVMs, mean_norm_scale
+from spp_detect.serialization import load_file, save_file
 from spp_detect.training.bbox_training import BoxRegressionTrainer
+from spp_detect.training.conv_cache import weights_digest
 from spp_detect.training.finetune import TrainingImage
-from spp_detect.training.svm_training import MiningImage, SVMSolver, train_svms
+from spp_detect.training.svm_training import HardNegativeMiner, SVMSolver
 from spp_detect.training.window_features import all_rows
 
-__all__ = ["train_svms_and_regressors", "class_ious"]
+__all__ = ["train_svms_and_regressors", "class_ious", "SVMStageCheckpoint", "stage_key"]
 
 logger = logging.getLogger(__name__)
 
 # Windows per image sampled to set the SVM feature scale (R-CNN samples random windows).
 _SCALE_SAMPLE_IMAGES = 20
 _SCALE_SAMPLE_WINDOWS = 200
-# Box-regression windows kept per image (bounds memory on large datasets).
-_BBOX_MAX_PER_IMAGE = 256
+# Bump when the checkpoint's layout changes: older checkpoints are ignored.
+_CHECKPOINT_VERSION = 1
 
 
 def class_ious(windows: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
@@ -52,26 +67,83 @@ def _fc7(detector, pooled: Tensor) -> Tensor:
     return detector.head.fc7_features(pooled)
 
 
-def train_svms_and_regressors(
-    detector, source, images: Sequence[TrainingImage], config: DetectorConfig
-) -> Tuple[LinearSVMs, Optional[BoxRegressor], Dict[str, Any]]:
-    """Train the SVMs and box regressors of ``detector`` (head in eval mode).
+def stage_key(detector, images: Sequence[TrainingImage], config: DetectorConfig) -> str:
+    """What the SVMs and regressors depend on: the fine-tuned head's and the backbone's
+    weights, every training window and ground truth, and the settings that reach this stage
+    (not ``svm.checkpoint_seconds``, which changes when, not what)."""
+    h = hashlib.blake2b(digest_size=16)
+    for im in images:
+        h.update(im.record.image_id.encode() + b"|" + str(im.record.flipped).encode())
+        for t in (im.windows, im.gt_boxes, im.gt_labels):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    svm = dataclasses.asdict(config.svm)
+    svm.pop("checkpoint_seconds")
+    backbone = getattr(detector, "backbone", None)
+    fields = dict(
+        version=_CHECKPOINT_VERSION,
+        head=weights_digest(detector.head),
+        backbone=weights_digest(backbone) if backbone is not None else None,
+        windows=h.hexdigest(),
+        svm=svm,
+        bbox_reg=dataclasses.asdict(config.bbox_reg),
+        model=dataclasses.asdict(config.model),
+        feature_cache_dtype=config.feature_cache_dtype,
+        seed=config.finetune.seed,
+    )
+    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class SVMStageCheckpoint:
+    """The periodic checkpoint of the SVM + box-regression pass (detectron2 / fvcore
+    ``PeriodicCheckpointer``), written atomically through ``serialization.save_file``.
 
     Args:
-        detector: a ``WindowDetector`` whose head has been fine-tuned.
-        source: training window features prepared on ``images`` (``rows(i, idx)``).
-        images: ground truths first, then proposals, per image.
-    Returns:
-        ``(svms, bbox_regressor, stats)``; the regressor is None when ``config.bbox_reg`` is
-        disabled or no window overlaps a ground truth enough.
+        path: the checkpoint file (None: no checkpoints).
+        key: ``stage_key(...)``; a file with another key is ignored.
+        every_seconds: minimum time between writes (0: after every image).
     """
-    detector.eval()
-    k = detector.num_classes
+
+    def __init__(self, path: Optional[Union[str, Path]], key: str, every_seconds: float) -> None:
+        self.path = None if path is None else Path(path)
+        self.key, self.every = key, float(every_seconds)
+        self._last = time.monotonic()
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            state = load_file(self.path, what="SVM training checkpoint")
+        except ValueError as exc:
+            logger.warning("%s; SVM training starts over", exc)
+            return None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            logger.info("%s: made with other inputs; SVM training starts over", self.path)
+            return None
+        return state
+
+    def maybe_save(self, state_fn, force: bool = False) -> None:
+        if self.path is None:
+            return
+        if force or time.monotonic() - self._last >= self.every:
+            save_file(dict(state_fn(), key=self.key), self.path)
+            self._last = time.monotonic()
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _first_pass(detector, source, images, config: DetectorConfig):
+    """Every ground truth's fc7 (the SVM positives, given up front as in R-CNN so no class
+    mines against a zero model for long) and a random sample of windows to set the feature
+    scales (R-CNN scales features to a mean norm of 20 measured on random windows).
+
+    Returns:
+        ``(positives (features, labels), fc7 sample, bbox feature scale)``.
+    """
     rng = np.random.default_rng(config.finetune.seed)
-    # A first, light pass: every ground truth's fc7 (the SVM positives, given up front as in
-    # R-CNN so no class mines against a zero model for long) and a random sample of windows
-    # to set the feature scales (R-CNN scales features to a mean norm of 20 measured on random
-    # windows).
     pos_feats, pos_labels, fc7_sample, pooled_sample = [], [], [], []
     for i, im in enumerate(tqdm(images, desc="SVM positives", unit="img", leave=False)):
         g = im.gt_boxes.shape[0]
@@ -89,44 +161,107 @@ def train_svms_and_regressors(
         fc7_sample.append(feats[g:])
         pooled_sample.append(pooled[g:])
     positives = (torch.cat(pos_feats), torch.cat(pos_labels))
-    fc7_sample = torch.cat(fc7_sample)
     bbox_scale = mean_norm_scale(torch.cat(pooled_sample), config.svm.feature_norm)
-    bbox = BoxRegressionTrainer.from_config(
-        config.bbox_reg, max_per_image=_BBOX_MAX_PER_IMAGE, seed=config.finetune.seed
-    )
+    return positives, torch.cat(fc7_sample), bbox_scale
 
-    def stream() -> Iterator[MiningImage]:
-        for i, im in enumerate(tqdm(images, desc="SVM mining + bbox", unit="img", leave=False)):
-            pooled = all_rows(source, i)
-            feats = _fc7(detector, pooled)
-            windows = im.windows.to(feats.device)
-            g = im.gt_boxes.shape[0]
-            is_gt = torch.zeros(windows.shape[0], dtype=torch.bool, device=feats.device)
-            is_gt[:g] = True
-            ious = class_ious(windows, im.gt_boxes, im.gt_labels, k)
-            if config.bbox_reg.enabled:
-                bbox.add_image(pooled, windows, im.gt_boxes, im.gt_labels)
-            yield MiningImage(feats, ious, is_gt, im.gt_labels.to(feats.device), windows)
 
+def train_svms_and_regressors(
+    detector,
+    source,
+    images: Sequence[TrainingImage],
+    config: DetectorConfig,
+    checkpoint_path: Optional[Union[str, Path]] = None,
+) -> Tuple[LinearSVMs, Optional[BoxRegressor], Dict[str, Any]]:
+    """Train the SVMs and box regressors of ``detector`` (head in eval mode).
+
+    Args:
+        detector: a ``WindowDetector`` whose head has been fine-tuned.
+        source: training window features prepared on ``images`` (``rows(i, idx)``).
+        images: ground truths first, then proposals, per image.
+        checkpoint_path: where the pass checkpoints itself (None: nowhere); a checkpoint with
+            the same inputs is continued, and removed once the pass is over.
+    Returns:
+        ``(svms, bbox_regressor, stats)``; the regressor is None when ``config.bbox_reg`` is
+        disabled or no window overlaps a ground truth enough.
+    """
+    detector.eval()
+    k = detector.num_classes
     s = config.svm
-    svms = train_svms(
-        stream(),
-        k,
-        positives=positives,
-        feature_scale=fc7_sample,
+    svms = LinearSVMs(k, feature_norm=s.feature_norm)
+    miner = HardNegativeMiner(
+        svms,
         solver=SVMSolver(C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier),
-        feature_norm=s.feature_norm,
         neg_iou_thresh=s.neg_iou_thresh,
         dedup_negatives=s.dedup_negatives,
         neg_overlap=s.neg_overlap,
         hard_thresh=s.hard_thresh,
         easy_thresh=s.easy_thresh,
         retrain_limit=s.retrain_limit,
+        max_cached_negatives=s.max_cached_negatives,
     )
+    bbox = BoxRegressionTrainer.from_config(config.bbox_reg, seed=config.finetune.seed)
+    ckpt = SVMStageCheckpoint(
+        checkpoint_path,
+        stage_key(detector, images, config) if checkpoint_path is not None else "",
+        s.checkpoint_seconds,
+    )
+    state = ckpt.load()
+    if state is not None:
+        miner.load_state_dict(state["miner"])
+        bbox.load_state_dict(state["bbox"])
+        bbox_scale = float(state["bbox_scale"])
+        start = int(state["next_image"])
+        logger.info("SVM training: resuming at image %d of %d", start, len(images))
+    else:
+        positives, fc7_sample, bbox_scale = _first_pass(detector, source, images, config)
+        svms.set_feature_scale(fc7_sample)
+        miner.add_positives(*positives)
+        start = 0
+
+    def state_fn() -> Dict[str, Any]:
+        return dict(
+            miner=miner.state_dict(),
+            bbox=bbox.state_dict(),
+            bbox_scale=bbox_scale,
+            next_image=next_image,
+        )
+
+    next_image = start
+    bbox_seconds = 0.0
+    if state is None:
+        ckpt.maybe_save(state_fn, force=True)  # the positives: a whole pass over the images
+    bar = tqdm(total=len(images), initial=start, desc="SVM mining + bbox", unit="img", leave=False)
+    for i in range(start, len(images)):
+        im = images[i]
+        pooled = all_rows(source, i)
+        feats = _fc7(detector, pooled)
+        windows = im.windows.to(feats.device)
+        g = im.gt_boxes.shape[0]
+        is_gt = torch.zeros(windows.shape[0], dtype=torch.bool, device=feats.device)
+        is_gt[:g] = True
+        ious = class_ious(windows, im.gt_boxes, im.gt_labels, k)
+        if config.bbox_reg.enabled:
+            t = time.perf_counter()
+            bbox.add_image(pooled, windows, im.gt_boxes, im.gt_labels)
+            bbox_seconds += time.perf_counter() - t
+        miner.add_image(feats, ious, is_gt, im.gt_labels.to(feats.device), windows)
+        next_image = i + 1
+        ckpt.maybe_save(state_fn)
+        bar.update(1)
+    bar.close()
+    svms = miner.finish()
+    t = time.perf_counter()
     regressor = bbox.fit(k, feature_scale=bbox_scale) if config.bbox_reg.enabled else None
+    bbox_seconds += time.perf_counter() - t
     stats: Dict[str, Any] = {"bbox_samples": bbox.num_samples if regressor is not None else 0}
+    # This process's time in box regression (sampling and fit); the rest of the pass (reading
+    # the features included) is the SVMs'.
+    stats["bbox_reg_seconds"] = bbox_seconds
     stats["svm_trained"] = [bool(t) for t in svms.trained.tolist()]
+    stats["svm_cache_sizes"] = [miner.cache_size(c) for c in range(k)]
+    stats["resumed_at_image"] = start
     logger.info("SVMs trained; box regression on %d windows", stats["bbox_samples"])
+    ckpt.remove()
     if regressor is not None:
         regressor = regressor.to(detector.device)
     return svms.to(detector.device), regressor, stats

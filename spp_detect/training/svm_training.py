@@ -176,6 +176,12 @@ class HardNegativeMiner:
         easy_thresh: after a retrain, cached negatives scoring below this leave (R-CNN: -1.2).
         retrain_limit: retrain class c once more than this many negatives joined its cache
             since its last training (R-CNN / SPP_net ``cache.retrain_limit = 2000``).
+        max_cached_negatives: at most this many negatives in a class's cache (ours; 0: no
+            cap). When an image's negatives take a cache past it, the hardest are kept: the
+            highest scores under the class's current model, ties (a class not trained yet
+            scores 0 everywhere) to the first mined. Such negatives are the support vectors
+            the next retrain needs; the easiest would leave at that retrain anyway. Below the
+            cap nothing changes.
         cache_device: where cached features live.
     """
 
@@ -189,6 +195,7 @@ class HardNegativeMiner:
         hard_thresh: float = -1.0001,
         easy_thresh: float = -1.2,
         retrain_limit: int = 2000,
+        max_cached_negatives: int = 0,
         cache_device: Union[str, torch.device] = "cpu",
     ) -> None:
         if easy_thresh > hard_thresh:
@@ -197,6 +204,9 @@ class HardNegativeMiner:
             )
         if int(retrain_limit) < 0:
             raise ValueError(f"retrain_limit must be >= 0, got {retrain_limit}")
+        if int(max_cached_negatives) < 0:
+            raise ValueError(f"max_cached_negatives must be >= 0, got {max_cached_negatives}")
+        self.max_cached_negatives = int(max_cached_negatives)
         self.svms = svms
         self.solver = solver if solver is not None else SVMSolver()
         self.neg_iou_thresh = float(neg_iou_thresh)
@@ -351,7 +361,22 @@ class HardNegativeMiner:
             self._keys[c].append(keys.to(self.cache_device))
             added[c] = int(idx.numel())
             self._num_added[c] += added[c]
+            if 0 < self.max_cached_negatives < self.cache_size(c):
+                self._keep_hardest(c)
         return added
+
+    def _keep_hardest(self, c: int) -> None:
+        """Cut class c's cache to ``max_cached_negatives``: the highest-scoring negatives under
+        its current model, in cache order (ties: the first mined)."""
+        self._compact(c)
+        neg, keys = self._neg[c][0], self._keys[c][0]
+        w = self.svms.weight[c].to(self.cache_device)
+        z = self.svms.scale_features(neg) @ w + self.svms.bias[c].to(self.cache_device)
+        order = torch.argsort(-z, stable=True)[: self.max_cached_negatives]
+        keep = torch.sort(order).values
+        logger.debug("SVM class %d: cache capped at %d of %d", c, keep.numel(), neg.shape[0])
+        self._neg[c] = [neg[keep]]
+        self._keys[c] = [keys[keep]]
 
     def _dedup(
         self, rows: Tensor, cls: Tensor, scores: Tensor, boxes: Tensor
@@ -365,6 +390,47 @@ class HardNegativeMiner:
         keep = batched_nms(boxes[rows].float(), surrogate, cls, self.neg_overlap)
         keep = torch.sort(keep).values
         return rows[keep], cls[keep]
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue the pass (plain types and tensors, for ``save_file``):
+        the SVMs, every class's positives, cached negatives and their keys, the retrain
+        counters and the history."""
+        k = self.svms.num_classes
+        for c in range(k):
+            self._compact(c)
+
+        def first(store: List[List[Tensor]], c: int) -> Optional[Tensor]:
+            return store[c][0] if store[c] else None
+
+        return {
+            "svms": {n: t.detach().cpu() for n, t in self.svms.state_dict().items()},
+            "pos": [first(self._pos, c) for c in range(k)],
+            "neg": [first(self._neg, c) for c in range(k)],
+            "keys": [first(self._keys, c) for c in range(k)],
+            "num_added": list(self._num_added),
+            "trained_at": list(self._trained_at),
+            "num_images": self.num_images,
+            "positives_preloaded": self._positives_preloaded,
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` (same number of classes)."""
+        k = self.svms.num_classes
+        if len(state["pos"]) != k:
+            raise ValueError(f"miner state has {len(state['pos'])} classes, expected {k}")
+        self.svms.load_state_dict(state["svms"])
+        dev = self.cache_device
+        for store, name in ((self._pos, "pos"), (self._neg, "neg"), (self._keys, "keys")):
+            for c in range(k):
+                t = state[name][c]
+                store[c] = [] if t is None else [t.to(dev)]
+        self._num_added = [int(v) for v in state["num_added"]]
+        self._trained_at = [int(v) for v in state["trained_at"]]
+        self.num_images = int(state["num_images"])
+        self._positives_preloaded = bool(state["positives_preloaded"])
+        self.history = [dict(h) for h in state["history"]]
 
     # -- training ---------------------------------------------------------------------------
     def _trainable(self, c: int) -> bool:
@@ -440,6 +506,7 @@ def train_svms(
     hard_thresh: float = -1.0001,
     easy_thresh: float = -1.2,
     retrain_limit: int = 2000,
+    max_cached_negatives: int = 0,
 ) -> LinearSVMs:
     """Train K SVMs with one pass of hard negative mining.
 
@@ -467,6 +534,7 @@ def train_svms(
         hard_thresh=hard_thresh,
         easy_thresh=easy_thresh,
         retrain_limit=retrain_limit,
+        max_cached_negatives=max_cached_negatives,
     )
     if positives is not None:
         miner.add_positives(*positives)

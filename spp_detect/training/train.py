@@ -31,6 +31,7 @@ from spp_detect.serialization import load_file, save_file
 from spp_detect.utils import atomic_write_json, resolve_device
 from spp_detect.training.conv_cache import weights_digest
 from spp_detect.training.svm_bbox import train_svms_and_regressors
+from spp_detect.training.window_features import memory_budget
 from spp_detect.inference.dataset import dataset_proposals
 from spp_detect.datasets.records import ImageRecord, mirror_boxes
 from spp_detect.errors import UserInputError
@@ -63,12 +64,18 @@ def make_feature_source(detector, cache_dir: Path):
             cache_dir / "conv_features", detector, dtype=detector.config.feature_cache_dtype
         )
         return SPPWindowFeatures(
-            detector, cache, random_scale=detector.config.finetune.random_scale
+            detector,
+            cache,
+            random_scale=detector.config.finetune.random_scale,
+            memory_bytes=memory_budget(detector.config.memory_budget_mb),
         )
     from spp_detect.training.rcnn_features import RCNNWindowFeatures
 
     return RCNNWindowFeatures(
-        detector, cache_dir / "rcnn_features", dtype=detector.config.feature_cache_dtype
+        detector,
+        cache_dir / "rcnn_features",
+        dtype=detector.config.feature_cache_dtype,
+        memory_bytes=memory_budget(detector.config.memory_budget_mb),
     )
 
 
@@ -266,8 +273,11 @@ def train_detector(
 
     t = time.perf_counter()
     detector.eval()
+    svm_ckpt = output_dir / "svm_bbox.ckpt.pt"  # continued by a rerun after a kill
+    if not resume:
+        svm_ckpt.unlink(missing_ok=True)
     detector.svms, detector.bbox_regressor, stats = train_svms_and_regressors(
-        detector, source, images, config
+        detector, source, images, config, checkpoint_path=svm_ckpt
     )
     log["classifiers"] = stats
     log["seconds"]["svm_bbox"] = time.perf_counter() - t

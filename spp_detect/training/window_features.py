@@ -8,11 +8,16 @@ the R-CNN baseline (``spp_detect.training.rcnn_features``) caches each window's 
 Both sources share one interface, indexed by the training images given to ``prepare``:
 ``rows(i, idx, rng=None) -> Tensor[len(idx), D]``, the pooled features of windows ``idx`` of
 image ``i`` (float32, on the detector's device).
+
+Memory stays bounded as the dataset grows (issue 10): what is held in RAM is capped by a budget
+(``memory_budget``: ``DetectorConfig.memory_budget_mb``, by default a quarter of the RAM
+available), and beyond it the features are recomputed or read from disk with the same values.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -23,9 +28,37 @@ from tqdm import tqdm
 from spp_detect.modeling.pyramid import random_scales
 from spp_detect.training.conv_cache import ConvFeatureCache
 
-__all__ = ["SPPWindowFeatures"]
+__all__ = ["SPPWindowFeatures", "available_memory", "memory_budget", "all_rows"]
 
 logger = logging.getLogger(__name__)
+
+# Share of the available RAM that training's in-memory features may use by default: the rest is
+# left to the conv-map LRU, the SVM caches and regression samples (each capped on its own), and
+# the other processes of the machine.
+_DEFAULT_RAM_FRACTION = 0.25
+
+
+def available_memory() -> int:
+    """Bytes of RAM available to new allocations (``MemAvailable`` of ``/proc/meminfo``; where
+    that file is missing, the physical memory from ``sysconf``)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def memory_budget(budget_mb: int = 0) -> int:
+    """Bytes that training's in-memory window features may use: ``budget_mb`` MB when
+    positive (``DetectorConfig.memory_budget_mb``), else a quarter of the available RAM."""
+    if budget_mb < 0:
+        raise ValueError(f"memory_budget_mb must be >= 0, got {budget_mb}")
+    if budget_mb:
+        return int(budget_mb) << 20
+    return int(available_memory() * _DEFAULT_RAM_FRACTION)
 
 
 class SPPWindowFeatures:
@@ -34,14 +67,15 @@ class SPPWindowFeatures:
     With one scale (or ``random_scale`` off) every window always pools the same cells, so when
     all images' pooled windows fit in ``memory_bytes`` they are pooled once and kept in memory
     (float16); training then never pools the same window twice. Otherwise windows are pooled
-    from the cached maps on demand (multi-scale training draws a random scale per window, as
-    the SPP_net code does).
+    from the cached float16 maps on demand (multi-scale training draws a random scale per
+    window, as the SPP_net code does). Both paths round the pooled features to float16, so the
+    budget changes speed and memory only, never a value.
 
     Args:
         detector: the ``SPPDetector`` being trained.
         cache: its ``ConvFeatureCache``.
         random_scale: multi-scale training picks a random scale per window.
-        memory_bytes: budget of the in-memory pooled windows.
+        memory_bytes: budget of the in-memory pooled windows (None: ``memory_budget()``).
     """
 
     def __init__(
@@ -49,12 +83,12 @@ class SPPWindowFeatures:
         detector,
         cache: ConvFeatureCache,
         random_scale: bool = True,
-        memory_bytes: int = 4 << 30,
+        memory_bytes: Optional[int] = None,
     ) -> None:
         self.detector = detector
         self.cache = cache
         self.random_scale = bool(random_scale) and len(detector.config.model.scales) > 1
-        self.memory_bytes = int(memory_bytes)
+        self.memory_bytes = memory_budget() if memory_bytes is None else int(memory_bytes)
         self.images: Sequence = []
         self._pooled: Dict[int, Tensor] = {}
 
@@ -65,15 +99,25 @@ class SPPWindowFeatures:
         stats = self.cache.build([im.record for im in self.images])
         total = sum(im.windows.shape[0] for im in self.images) * self.detector.pooled_dim * 2
         stats["pooled_in_memory"] = (not self.random_scale) and total <= self.memory_bytes
+        stats["pooled_bytes"] = total
+        stats["memory_budget_bytes"] = self.memory_bytes
         self._pooled = {}
         if stats["pooled_in_memory"]:
             for i in tqdm(range(len(self.images)), desc="pool windows", unit="img", leave=False):
-                self._pooled[i] = self._pool(i, torch.arange(self.images[i].windows.shape[0]))
-                self._pooled[i] = self._pooled[i].to("cpu", torch.float16)
+                idx = torch.arange(self.images[i].windows.shape[0])
+                self._pooled[i] = self._pool(i, idx).to("cpu", torch.float16)
             logger.info(
                 "pooled %d windows once, %.1f MB in memory",
                 sum(im.windows.shape[0] for im in self.images),
                 total / 1e6,
+            )
+        else:
+            logger.info(
+                "pooling windows from the conv cache on demand (%.1f MB of pooled windows, "
+                "budget %.1f MB%s)",
+                total / 1e6,
+                self.memory_bytes / 1e6,
+                ", random scale per window" if self.random_scale else "",
             )
         return stats
 
@@ -88,7 +132,8 @@ class SPPWindowFeatures:
             scale_idx = random_scales(windows.shape[0], len(maps), rng)
         with torch.no_grad():
             pooled, inverse = self.detector.pool_from_maps(maps, factors, windows, scale_idx)
-        return pooled[inverse]
+        # Rounded to float16 as the in-memory store is, so both paths give the same values.
+        return pooled[inverse].to(torch.float16).to(torch.float32)
 
     def rows(self, i: int, idx: Tensor, rng: Optional[np.random.Generator] = None) -> Tensor:
         """Pooled features ``Tensor[len(idx), D]`` of windows ``idx`` of training image ``i``.
