@@ -131,6 +131,47 @@ def _data_stages(
     return train_set, test_set, test_proposals
 
 
+def _model_stages(
+    out: Path,
+    config,
+    device: Optional[str],
+    data: Tuple[Any, Any, Dict[str, Any]],
+    score_thresh: float,
+    seconds: Dict[str, float],
+) -> Tuple[Path, Dict[str, Any], Dict[str, Any]]:
+    """Stages 3 to 5 on ``data`` = (train set, test set, test proposals): train SPP-net,
+    evaluate it and detect on the test images -> (model path, metrics, detect summary)."""
+    from spp_detect.inference.dataset import test_detector
+    from spp_detect.inference.folder import detect_folder
+    from spp_detect.training.train import train_detector
+
+    train_set, test_set, test_proposals = data
+    cache_dir = out / "cache"
+    m = config.model
+    text = f"training SPP-net ({m.backbone}, scales {list(m.scales)}, fc {m.hidden}): " + (
+        "fine-tuning, SVMs, box regression"
+    )
+    with _stage(seconds, "train", 3, text):
+        train_log = train_detector(
+            train_set, out / "model", config, method="spp", device=device, pretrained=True,
+            cache_dir=cache_dir,
+        )  # fmt: skip
+        model_path = Path(train_log["model"])
+    text = f"evaluating on the {len(test_set)} test images (VOC07 11-point AP)"
+    with _stage(seconds, "eval", 4, text):
+        metrics = test_detector(
+            model_path, test_set, out / "eval", device=device, cache_dir=cache_dir,
+            use_07_metric=True,
+        )  # fmt: skip
+    with _stage(seconds, "detect", 5, "detect on the test images (annotated copies)"):
+        det_summary = detect_folder(
+            model_path, [r.path for r in test_set.records], out / "detections",
+            score_thresh=score_thresh, device=device, jobs=max(1, config.workers),
+            exist_ok=True, proposals=test_proposals,
+        )  # fmt: skip
+    return model_path, metrics, det_summary
+
+
 def _speed_stage(
     out: Path,
     config,
@@ -200,42 +241,19 @@ def run_demo(
         ``seconds`` and the ``outputs`` paths.
     """
     from spp_detect.config import load_config
-    from spp_detect.inference.dataset import test_detector
-    from spp_detect.inference.folder import detect_folder
-    from spp_detect.training.train import train_detector
 
     out, num_train, num_test = _check_args(
         output_dir, num_train, num_test, quick, bench_images, rcnn_max_windows
     )
     config = load_config(TOY_CONFIG, (QUICK_OVERRIDES if quick else ()) + tuple(overrides))
-    cache_dir = out / "cache"
     seconds: Dict[str, float] = {}
     t_all = time.perf_counter()
     train_set, test_set, test_proposals = _data_stages(
         out, config, num_train, num_test, seed, seconds
     )
-    m = config.model
-    text = f"training SPP-net ({m.backbone}, scales {list(m.scales)}, fc {m.hidden}): " + (
-        "fine-tuning, SVMs, box regression"
+    model_path, metrics, det_summary = _model_stages(
+        out, config, device, (train_set, test_set, test_proposals), score_thresh, seconds
     )
-    with _stage(seconds, "train", 3, text):
-        train_log = train_detector(
-            train_set, out / "model", config, method="spp", device=device, pretrained=True,
-            cache_dir=cache_dir,
-        )  # fmt: skip
-        model_path = Path(train_log["model"])
-    text = f"evaluating on the {len(test_set)} test images (VOC07 11-point AP)"
-    with _stage(seconds, "eval", 4, text):
-        metrics = test_detector(
-            model_path, test_set, out / "eval", device=device, cache_dir=cache_dir,
-            use_07_metric=True,
-        )  # fmt: skip
-    with _stage(seconds, "detect", 5, "detect on the test images (annotated copies)"):
-        det_summary = detect_folder(
-            model_path, [r.path for r in test_set.records], out / "detections",
-            score_thresh=score_thresh, device=device, jobs=max(1, config.workers),
-            exist_ok=True, proposals=test_proposals,
-        )  # fmt: skip
     speed = _speed_stage(out, config, model_path, device, bench_images, rcnn_max_windows, seconds)
     seconds["total"] = time.perf_counter() - t_all
     settings = {

@@ -18,11 +18,10 @@ from torch import nn
 from spp_detect.modeling.backbones import (
     LITE_MEAN,
     LITE_STD,
-    LayerGeometry,
     build_backbone,
     build_imagenet_model,
-    walk_geometry,
 )
+from spp_detect.modeling.geometry import LayerGeometry, walk_geometry
 
 
 @functools.lru_cache(maxsize=None)

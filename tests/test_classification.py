@@ -13,14 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import spp_detect.training.image_classification as image_classification
 from spp_detect.datasets.toy_cls import make_toy_cls
-from spp_detect.datasets.toy_voc import TOY_CLASSES
+from spp_detect.datasets.toy_shapes import TOY_CLASSES
 from spp_detect.modeling.backbones import build_backbone
 from spp_detect.modeling.spp_classifier import SPPClassifier, load_classifier, save_classifier
-from spp_detect.training.image_classification import (
-    _SizeGroupedBatches,
-    evaluate_classifier,
-    evaluate_folder,
-)
+from spp_detect.training.classifier_data import SizeGroupedBatches
+from spp_detect.training.classifier_eval import evaluate_classifier, evaluate_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +91,7 @@ def test_evaluate_classifier_hand_worked():
 
 def test_size_grouped_batches():
     sizes = [(3, 4), (5, 6), (3, 4), (3, 4), (5, 6)]
-    batches = list(_SizeGroupedBatches(sizes, batch_size=2))
+    batches = list(SizeGroupedBatches(sizes, batch_size=2))
     assert sorted(map(sorted, batches)) == [[0, 2], [1, 4], [3]]
 
 

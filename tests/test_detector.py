@@ -222,7 +222,7 @@ def test_softmax_classifier_needs_no_svms():
 
 
 def test_predictor_without_proposals_runs_selective_search():
-    from spp_detect.datasets.toy_voc import render_toy_image
+    from spp_detect.datasets.toy_scene import render_toy_image
     from spp_detect.inference.predictor import Predictor
     from spp_detect.proposals.selective_search import selective_search
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from spp_detect.datasets.images import read_image
 from spp_detect.datasets.records import ImageRecord
-from spp_detect.datasets.toy_voc import render_toy_image
+from spp_detect.datasets.toy_scene import render_toy_image
 from spp_detect.proposals import cache as cache_mod
 from spp_detect.proposals.cache import ProposalCache
 from spp_detect.proposals.compute import compute_proposals

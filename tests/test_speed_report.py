@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from spp_detect.config import DetectorConfig, ModelConfig
-from spp_detect.datasets.toy_voc import TOY_CLASSES, make_toy_voc
+from spp_detect.datasets.toy_shapes import TOY_CLASSES
+from spp_detect.datasets.toy_voc import make_toy_voc
 from spp_detect.datasets.voc import VOCDataset
 from spp_detect.inference import dataset as inference  # not `test_detector`: pytest collects it
 from spp_detect.modeling.build import build_detector

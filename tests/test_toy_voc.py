@@ -11,14 +11,10 @@ import pytest
 from PIL import Image
 
 from spp_detect.cli_common import run_user_command
-from spp_detect.datasets import toy_voc
-from spp_detect.datasets.toy_voc import (
-    TOY_CLASSES,
-    DatasetExistsError,
-    ToyObject,
-    make_toy_voc,
-    render_toy_image,
-)
+from spp_detect.datasets import toy_paint, toy_scene, toy_shapes, toy_voc
+from spp_detect.datasets.toy_scene import ToyObject, render_toy_image
+from spp_detect.datasets.toy_shapes import TOY_CLASSES
+from spp_detect.datasets.toy_voc import DatasetExistsError, make_toy_voc
 
 # Saturated colours far from each other and from the grey test background (128).
 PALETTE = np.array(
@@ -41,10 +37,10 @@ def flat_colours(monkeypatch):
         counter["k"] += 1
         return np.broadcast_to(colour, (h, w, 3)).copy()
 
-    monkeypatch.setattr(toy_voc, "_background", background)
-    monkeypatch.setattr(toy_voc, "_texture", texture)
-    monkeypatch.setattr(toy_voc, "_LOW_CONTRAST_P", 0.0)
-    monkeypatch.setattr(toy_voc, "_SENSOR_NOISE", 0.0)
+    monkeypatch.setattr(toy_paint, "background", background)
+    monkeypatch.setattr(toy_paint, "texture", texture)
+    monkeypatch.setattr(toy_scene, "_LOW_CONTRAST_P", 0.0)
+    monkeypatch.setattr(toy_scene, "_SENSOR_NOISE", 0.0)
 
 
 def _parse(xml_path: Path):
@@ -264,8 +260,8 @@ def test_tool_main(tmp_path, capsys):
 
 import json  # noqa: E402
 
-from spp_detect.datasets import toy_styles  # noqa: E402
-from spp_detect.datasets.toy_voc import render_instance_image  # noqa: E402
+from spp_detect.datasets import toy_style_shapes, toy_styles, toy_textures  # noqa: E402
+from spp_detect.datasets.toy_scene import render_instance_image  # noqa: E402
 
 # Up to 4 objects + 2 distractors per image: 8 distinct colours, none of them the grey 128.
 PALETTE8 = np.array(
@@ -334,11 +330,11 @@ def flat_instance_colours(monkeypatch):
         counter["k"] += 1
         return np.broadcast_to(colour, labels.shape + (3,)).copy()
 
-    monkeypatch.setattr(toy_voc, "_background", background)
-    monkeypatch.setattr(toy_styles, "paint_fill", fill)
-    monkeypatch.setattr(toy_styles, "edge_fade", lambda m: m.astype(np.float32))
-    monkeypatch.setattr(toy_voc, "_LOW_CONTRAST_P", 0.0)
-    monkeypatch.setattr(toy_voc, "_SENSOR_NOISE", 0.0)
+    monkeypatch.setattr(toy_paint, "background", background)
+    monkeypatch.setattr(toy_textures, "paint_fill", fill)
+    monkeypatch.setattr(toy_textures, "edge_fade", lambda m: m.astype(np.float32))
+    monkeypatch.setattr(toy_scene, "_LOW_CONTRAST_P", 0.0)
+    monkeypatch.setattr(toy_scene, "_SENSOR_NOISE", 0.0)
 
 
 def test_instance_render_boxes_tight_and_distractors_separate(flat_instance_colours):
@@ -373,15 +369,15 @@ def test_instance_render_boxes_tight_and_distractors_separate(flat_instance_colo
 def test_instance_styles_paint_details_and_holes():
     # Real fills: a framed square has detail pixels in a third colour; a double ring has holes.
     rng = np.random.default_rng(3)
-    framed = dict((s.name, s) for s in toy_styles.CLASS_STYLES["square"][0])["square/framed"]
-    labels, _, _ = toy_voc._rasterize(
+    framed = dict((s.name, s) for s in toy_style_shapes.CLASS_STYLES["square"][0])["square/framed"]
+    labels, _, _ = toy_shapes.rasterize(
         [(c * 40 + 50, v) for c, v in framed.layers(np.random.default_rng(0))]
     )
     assert set(np.unique(labels)) == {0, 1, 2}
-    fill = toy_styles.paint_fill(rng, "solid/vivid", labels)
+    fill = toy_textures.paint_fill(rng, "solid/vivid", labels)
     assert not np.allclose(fill[labels == 2][0], fill[labels == 1][0])
-    double = dict((s.name, s) for s in toy_styles.CLASS_STYLES["ring"][1])["ring/double"]
-    labels, x0, y0 = toy_voc._rasterize(
+    double = dict((s.name, s) for s in toy_style_shapes.CLASS_STYLES["ring"][1])["ring/double"]
+    labels, x0, y0 = toy_shapes.rasterize(
         [(c * 40 + 50, v) for c, v in double.layers(np.random.default_rng(0))]
     )
     # Along a radius of 40 px: hole r < 0.3-0.42, band to 0.55-0.62, hole to 0.74-0.82, band.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from spp_detect.cli_common import positive_int, run_user_command
 from spp_detect.datasets.toy_cls import make_toy_cls
-from spp_detect.datasets.toy_voc import TOY_CLASSES
+from spp_detect.datasets.toy_shapes import TOY_CLASSES
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from spp_detect.cli_common import non_negative_int, positive_int, run_user_command
-from spp_detect.datasets.toy_voc import TOY_CLASSES, make_toy_voc
+from spp_detect.datasets.toy_shapes import TOY_CLASSES
+from spp_detect.datasets.toy_voc import make_toy_voc
 
 
 def get_args_parser() -> argparse.ArgumentParser:

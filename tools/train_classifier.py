@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Any, Dict
 
 from spp_detect.cli_common import positive_int, run_user_command
-from spp_detect.training.image_classification import (
-    ClassifierTrainConfig,
-    format_metrics_table,
-    train_classifier,
-)
+from spp_detect.training.classifier_eval import format_metrics_table
+from spp_detect.training.image_classification import ClassifierTrainConfig, train_classifier
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """A small generated classification set in ImageFolder layout, for tests, CI and quick runs.
 
 ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``: one filled shape per image (the
-classes of the toy detection set, ``toy_voc.TOY_CLASSES``: circle, square, triangle, star,
+classes of the toy detection set, ``toy_shapes.TOY_CLASSES``: circle, square, triangle, star,
 cross, ring) of random colour, size, rotation and stretch, on a noisy gradient background
 with thin clutter (lines, dots). Training images have a moderate aspect and the object near
 the middle, so the usual resize-256 / crop-224 training crop holds it;
@@ -20,7 +20,7 @@ from typing import Dict, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from spp_detect.datasets.toy_voc import TOY_CLASSES
+from spp_detect.datasets.toy_shapes import TOY_CLASSES
 from spp_detect.errors import UserInputError
 
 __all__ = ["make_toy_cls", "render_cls_image"]

@@ -4,18 +4,18 @@ Per image: read and check its size, selective search (``image_loader``: the CPU-
 in ``jobs`` worker processes ahead of the network) -> ``Predictor`` (the detector with this
 run's settings) -> one line appended to ``detections.jsonl`` and an annotated copy
 (``folder_results``). A file that cannot be used goes to ``errors`` with a one-line reason and
-the run goes on; a killed run continues where it stopped with ``resume=True``.
+the run goes on; a killed run continues where it stopped with ``resume=True``. The loop over
+the images is ``folder_loop.FolderLoop``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -24,8 +24,9 @@ from spp_detect.datasets.images import DEFAULT_MAX_PIXELS
 from spp_detect.errors import UserInputError
 from spp_detect.proposals.settings import MODES
 
-from .folder_results import IMAGES_DIR, FolderResults
-from .image_loader import LoadedImage, LoadSettings, iter_loaded, one_line
+from .folder_loop import FolderLoop, combine_totals
+from .folder_results import FolderResults
+from .image_loader import LoadSettings
 from .inputs import describe_input, precomputed_windows, resolve_inputs
 
 __all__ = ["detect_folder", "format_summary", "DEFAULT_SCORE_THRESH"]
@@ -128,98 +129,6 @@ def _load_settings(predictor: Any, max_pixels: Optional[int]) -> LoadSettings:
     )
 
 
-class _FolderLoop:
-    """Detects the loaded images one by one and hands each record to the results."""
-
-    def __init__(self, predictor: Any, results: FolderResults, save_images: bool) -> None:
-        from spp_detect.utils import StageTimer
-
-        self.predictor, self.results, self.save_images = predictor, results, save_images
-        self.class_names = list(predictor.class_names)
-        self.timer = StageTimer(predictor.detector.device)
-        self.n_dets = self.n_errors = 0
-
-    def record(self, path: Path, name: str, loaded: LoadedImage) -> Dict[str, Any]:
-        """One image's ``detections.jsonl`` record."""
-        import torch
-
-        for stage, sec in loaded.seconds.items():
-            self.timer.times[stage] += sec
-        if loaded.reason is not None:
-            logger.debug("skipped %s: %s", path, loaded.reason)
-            return {"file": name, "path": str(path), "reason": loaded.reason, "stage": loaded.stage}
-        try:
-            dets = self.predictor(loaded.image, loaded.proposals, timer=self.timer)
-        except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
-            # A readable image too large for the network's memory: reported, counted as a
-            # failure (exit code 1), retried by a resumed run; the run goes on.
-            logger.warning("detection failed on %s: %s", path, one_line(exc))
-            reason = f"detection failed ({one_line(exc)})"
-            return {"file": name, "path": str(path), "reason": reason, "stage": "detect"}
-        image = loaded.image
-        entry = {
-            "file": name,
-            "path": str(path),
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-            "detections": dets.to_list(self.class_names),
-        }
-        if self.save_images:
-            from .visualize import annotated_name, draw_detections, save_image
-
-            with self.timer("draw"):
-                rel = Path(IMAGES_DIR) / annotated_name(name)
-                drawn = draw_detections(image, dets, self.class_names)
-                save_image(self.results.output_dir / rel, drawn)
-            entry["annotated"] = rel.as_posix()
-        self.n_dets += len(dets)
-        return entry
-
-    def totals(self, tasks: Sequence[Tuple[str, Optional[np.ndarray]]], seconds: float):
-        """This run's figures for the summary."""
-        return {
-            "precomputed_proposals": sum(boxes is not None for _, boxes in tasks),
-            "seconds": seconds,
-            "stage_seconds": dict(self.timer.times),
-            "device": str(self.predictor.detector.device),
-        }
-
-    def run(
-        self,
-        todo: Sequence[Tuple[Path, str]],
-        tasks: Sequence[Tuple[str, Optional[np.ndarray]]],
-        settings: LoadSettings,
-        jobs: int,
-        progress: bool,
-    ) -> None:
-        """Read ``tasks`` (the ``todo`` images) ahead, detect, and append each record."""
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="detect", unit="img", disable=not progress)
-        with contextlib.closing(iter_loaded(tasks, settings, jobs)) as loaded_iter, bar:
-            for (path, name), loaded in zip(todo, loaded_iter):
-                rec = self.record(path, name, loaded)
-                self.n_errors += "detections" not in rec
-                self.results.add(rec)
-                bar.update(1)
-                bar.set_postfix(dets=self.n_dets, skipped=self.n_errors, refresh=False)
-
-
-def _combine_totals(totals: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The ranks' ``_FolderLoop.totals`` as one run's: side by side, the run took as long as
-    its slowest rank; stage times and counts add up."""
-    stages: Dict[str, float] = {}
-    for t in totals:
-        for k, v in t["stage_seconds"].items():
-            stages[k] = stages.get(k, 0.0) + v
-    return {
-        "precomputed_proposals": sum(t["precomputed_proposals"] for t in totals),
-        "seconds": max(t["seconds"] for t in totals),
-        "stage_seconds": stages,
-        "device": totals[0]["device"],
-    }
-
-
 def detect_folder(
     model: Any,
     input_path: Union[PathLike, Sequence[PathLike]],
@@ -287,15 +196,28 @@ def detect_folder(
         model, dist.local_device(device), score_thresh, mode=proposal_mode, max=max_proposals,
         scales=scales,
     )  # fmt: skip
-    source = describe_input(input_path)
+    header = _header(model, predictor, describe_input(input_path), save_images)
+    options = dict(save_images=save_images, jobs=jobs, progress=progress, max_pixels=max_pixels)
+    return _run(predictor, items, output_dir, header, resume, proposals, **options)
+
+
+def _run(
+    predictor: Any,
+    items: Sequence[Tuple[Path, str]],
+    output_dir: Path,
+    header: Dict[str, Any],
+    resume: bool,
+    proposals: Optional[Mapping[str, np.ndarray]],
+    save_images: bool,
+    jobs: int,
+    progress: bool,
+    max_pixels: Optional[int],
+) -> Dict[str, Any]:
+    """``detect_folder`` once its arguments are checked: this rank's share of ``items`` (all
+    of them in one process) detected into ``output_dir``; returns rank 0's summary."""
     part = dist.rank() if dist.is_distributed() else None
-    header = _header(model, predictor, source, save_images)
     results = FolderResults(output_dir, header, resume, part=part)
-    with dist.all_ranks_ok("detect: earlier results"):
-        if dist.is_main_process():
-            results.prepare()
-    with dist.all_ranks_ok("detect: start"):
-        done = results.start()
+    done = _start(results)
     # Under torchrun: this rank's contiguous shard of the images (InferenceSampler).
     todo = [(path, name) for path, name in dist.shard(items) if name not in done]
     tasks = [(str(path), precomputed_windows(proposals, name)) for path, name in todo]
@@ -304,10 +226,10 @@ def detect_folder(
     where = f" (rank {dist.rank()} of {dist.world_size()})" if part is not None else ""
     logger.info(
         "detecting in %d images from %s%s (%d done earlier; %s, %s proposals up to %d, "
-        "%d job(s))", len(todo), source, where, resumed, predictor.detector.method,
+        "%d job(s))", len(todo), header["input"], where, resumed, predictor.detector.method,
         settings.proposals.mode, settings.proposals.max_proposals, jobs,
     )  # fmt: skip
-    loop = _FolderLoop(predictor, results, save_images)
+    loop = FolderLoop(predictor, results, save_images)
     t0 = time.perf_counter()
     with dist.all_ranks_ok("detect"):
         try:
@@ -315,19 +237,36 @@ def detect_folder(
         finally:
             results.close()  # what is done stays on disk for a resumed run
     totals = dist.gather(loop.totals(tasks, time.perf_counter() - t0))
-    summary = None
-    with dist.all_ranks_ok("detect: final files"):
-        if totals is not None:  # rank 0 (or the one process) writes the final files
-            run = {"images": len(items), "resumed": resumed, "jobs": jobs}
-            run["processes"] = len(totals)
-            summary = results.finish(dict(run, **_combine_totals(totals)))
-    summary = dist.all_gather(summary)[0]  # every rank returns rank 0's summary
+    summary = _finish(results, totals, {"images": len(items), "resumed": resumed, "jobs": jobs})
     logger.info(
         "%d/%d images processed, %d skipped, %d detections, %.1f s",
         summary["processed"], len(items), summary["skipped"], summary["detections"],
         summary["seconds"],
     )  # fmt: skip
     return summary
+
+
+def _start(results: FolderResults) -> Set[str]:
+    """Prepare the output folder (rank 0: earlier results checked) and start writing ->
+    the names of the images an earlier run finished."""
+    with dist.all_ranks_ok("detect: earlier results"):
+        if dist.is_main_process():
+            results.prepare()
+    with dist.all_ranks_ok("detect: start"):
+        done = results.start()
+    return done
+
+
+def _finish(
+    results: FolderResults, totals: Optional[List[Dict[str, Any]]], run: Dict[str, Any]
+) -> Dict[str, Any]:
+    """Rank 0 (or the one process) writes the final files; every rank returns its summary."""
+    summary = None
+    with dist.all_ranks_ok("detect: final files"):
+        if totals is not None:  # rank 0 (or the one process) writes the final files
+            run["processes"] = len(totals)
+            summary = results.finish(dict(run, **combine_totals(totals)))
+    return dist.all_gather(summary)[0]  # every rank returns rank 0's summary
 
 
 def format_summary(summary: Dict[str, Any]) -> str:

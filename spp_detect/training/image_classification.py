@@ -8,6 +8,9 @@ paper) rather than new crops.
 
 Evaluation, both reported: the full test image at its native size and aspect (no crop, no warp:
 what SPP makes possible; batches group images of equal size) and the usual centre crop.
+
+The data pipeline is in ``training/classifier_data.py`` and the evaluation in
+``training/classifier_eval.py``.
 """
 
 from __future__ import annotations
@@ -15,34 +18,25 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from spp_detect.errors import UserInputError
 from spp_detect.modeling.backbones import BACKBONE_SPECS, build_backbone
 from spp_detect.modeling.spp_classifier import SPPClassifier, save_classifier
+from spp_detect.training.classifier_data import image_folder, split_dir, transforms
+from spp_detect.training.classifier_eval import evaluate_folder
 from spp_detect.utils import atomic_write_json, resolve_device
 
-__all__ = [
-    "ClassifierTrainConfig",
-    "train_classifier",
-    "evaluate_classifier",
-    "format_metrics_table",
-]
+__all__ = ["ClassifierTrainConfig", "train_classifier"]
 
 logger = logging.getLogger(__name__)
-
-# Paper sec. 3.2 (after Krizhevsky et al.): images resized to 256 on the short side, 224 crops.
-RESIZE_RATIO = 256 / 224
-_BILINEAR = 2  # PIL.Image.BILINEAR
 
 
 @dataclass(frozen=True)
@@ -69,168 +63,6 @@ class ClassifierTrainConfig:
     workers: int = 0  # DataLoader worker processes
     eval_batch_size: int = 32
     full_min_side: Optional[int] = None  # None: native size; paper (sec. 3.1): 256
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-def _split_dir(root: Path, names: Sequence[str]) -> Path:
-    for name in names:
-        if (root / name).is_dir():
-            return root / name
-    raise UserInputError(
-        f"{root}: no {' or '.join(n + '/' for n in names)} folder (ImageFolder layout)"
-    )
-
-
-def _image_folder(root: Path, transform):
-    from torchvision.datasets import ImageFolder
-
-    try:
-        return ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as exc:  # empty class folders, no images
-        raise UserInputError(f"{root}: not a usable ImageFolder ({exc})") from exc
-
-
-def _transforms(crop: int, mean, std, train: bool):
-    from torchvision import transforms as T
-
-    resize = round(crop * RESIZE_RATIO)
-    crop_t = [T.RandomCrop(crop), T.RandomHorizontalFlip()] if train else [T.CenterCrop(crop)]
-    return T.Compose([T.Resize(resize), *crop_t, T.ToTensor(), T.Normalize(mean, std)])
-
-
-class _FullImage:
-    """PIL image -> normalised ``Tensor[3, H, W]``, the whole image with its aspect kept: at its
-    native size, or with the short side resized to ``min_side`` (the paper's full-image view,
-    sec. 3.1: min(w, h) = 256); always at least the backbone's minimum input size."""
-
-    def __init__(self, mean, std, min_input: int, min_side: Optional[int] = None):
-        from torchvision import transforms as T
-
-        self.min_input, self.min_side = min_input, min_side
-        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-
-    def __call__(self, image):
-        short = min(image.size)
-        target = self.min_side if self.min_side else max(short, self.min_input)
-        target = max(target, self.min_input)
-        if target != short:
-            f = target / short
-            w, h = max(round(image.width * f), target), max(round(image.height * f), target)
-            image = image.resize((w, h), resample=_BILINEAR)
-        return self.to_tensor(image)
-
-
-class _SizeGroupedBatches(Sampler):
-    """Batches of dataset indices whose images share one size (so they stack without a crop)."""
-
-    def __init__(self, sizes: Sequence[Tuple[int, int]], batch_size: int):
-        groups: Dict[Tuple[int, int], List[int]] = defaultdict(list)
-        for i, size in enumerate(sizes):
-            groups[size].append(i)
-        self.batches = [
-            idx[s : s + batch_size]
-            for idx in groups.values()
-            for s in range(0, len(idx), batch_size)
-        ]
-
-    def __iter__(self) -> Iterator[List[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def _image_sizes(dataset) -> List[Tuple[int, int]]:
-    from PIL import Image
-
-    sizes = []
-    for path, _ in dataset.samples:
-        with Image.open(path) as im:  # reads the header only
-            sizes.append(im.size)
-    return sizes
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tuple[int, int]:
-    top = logits.topk(k, dim=1).indices
-    hit = top == labels[:, None]
-    return int(hit[:, 0].sum()), int(hit.any(1).sum())
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader: DataLoader, device, desc: str) -> Dict[str, Any]:
-    """Top-1 and top-k accuracy (percent) over ``loader``; k = min(5, num_classes)."""
-    from tqdm import tqdm
-
-    model.eval()
-    k = min(5, model.num_classes)
-    n = top1 = topk = 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
-        logits = model(images.to(device))
-        c1, ck = _topk_correct(logits.cpu(), labels, k)
-        n, top1, topk = n + len(labels), top1 + c1, topk + ck
-    if n == 0:
-        raise UserInputError("evaluation set is empty")
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "k": k, "num_images": n}
-
-
-def evaluate_folder(
-    model: SPPClassifier,
-    folder: Union[str, Path],
-    crop: int = 224,
-    full_min_side: Optional[int] = None,
-    batch_size: int = 32,
-    device: Union[str, torch.device] = "cpu",
-    workers: int = 0,
-    class_names: Optional[Sequence[str]] = None,
-) -> Dict[str, Dict[str, Any]]:
-    """Accuracy of ``model`` on an ImageFolder ``folder``: ``{"full_image", "center_crop"}``.
-
-    Full image: the whole image, aspect kept, at native size (or short side ``full_min_side``),
-    batched by equal size. Centre crop: short side resized to ``crop * 256 / 224``, ``crop``
-    square from the middle. ``class_names`` (the training classes) must match the folder's.
-    """
-    bb = model.backbone
-    full_set = _image_folder(
-        Path(folder), _FullImage(bb.mean, bb.std, bb.min_input_size, full_min_side)
-    )
-    if class_names is not None and list(full_set.classes) != list(class_names):
-        raise UserInputError(
-            f"{folder}: classes {full_set.classes} differ from {list(class_names)}"
-        )
-    crop_set = _image_folder(Path(folder), _transforms(crop, bb.mean, bb.std, False))
-    # Images of one original size have one processed size: group by the header's size.
-    sizes = _image_sizes(full_set)
-    full_loader = DataLoader(
-        full_set, batch_sampler=_SizeGroupedBatches(sizes, batch_size), num_workers=workers
-    )
-    crop_loader = DataLoader(crop_set, batch_size=batch_size, num_workers=workers)
-    return {
-        "full_image": {
-            **evaluate_classifier(model, full_loader, device, "test (full image)"),
-            "min_side": full_min_side,
-        },
-        "center_crop": {
-            **evaluate_classifier(model, crop_loader, device, "test (centre crop)"),
-            "crop": crop,
-        },
-    }
-
-
-def format_metrics_table(metrics: Dict[str, Any]) -> str:
-    """A small text table of the full-image and centre-crop accuracies."""
-    k = metrics["full_image"]["k"]
-    rows = [f"{'evaluation':<14}{'top-1 %':>9}{f'top-{k} %':>9}"]
-    for key, label in (("full_image", "full image"), ("center_crop", "centre crop")):
-        m = metrics[key]
-        rows.append(f"{label:<14}{m['top1']:>9.2f}{m['top5']:>9.2f}")
-    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +154,28 @@ def _fit(
     return history
 
 
+def _backbone(cfg: ClassifierTrainConfig):
+    """``(backbone, pretrained)``: ImageNet weights wherever they exist when
+    ``cfg.pretrained`` is None (none for ZF-5)."""
+    pretrained = cfg.pretrained
+    if pretrained is None:
+        spec = BACKBONE_SPECS.get(cfg.backbone)  # an unknown name: build_backbone says so
+        pretrained = spec is not None and spec.weights is not None
+    return build_backbone(cfg.backbone, pretrained=pretrained, **cfg.backbone_kwargs), pretrained
+
+
+def _datasets(root: Path, crop: int, backbone) -> Tuple[Any, Path]:
+    """``(train ImageFolder with training crops, test folder)``, their classes checked equal."""
+    train_set = image_folder(
+        split_dir(root, ["train"]), transforms(crop, backbone.mean, backbone.std, True)
+    )
+    test_dir = split_dir(root, ["test", "val"])
+    class_names = train_set.classes
+    if image_folder(test_dir, None).classes != class_names:  # fail before training, not after
+        raise UserInputError(f"{test_dir}: classes differ from the train/ classes {class_names}")
+    return train_set, test_dir
+
+
 def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     """Train and evaluate; writes ``output/metrics.json`` and ``output/model.pth``.
 
@@ -333,20 +187,10 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     root, out = Path(cfg.data), Path(cfg.output)
     generator = _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    pretrained = cfg.pretrained
-    if pretrained is None:  # ImageNet weights wherever they exist (none for ZF-5)
-        spec = BACKBONE_SPECS.get(cfg.backbone)  # an unknown name: build_backbone says so
-        pretrained = spec is not None and spec.weights is not None
-    backbone = build_backbone(cfg.backbone, pretrained=pretrained, **cfg.backbone_kwargs)
-
+    backbone, pretrained = _backbone(cfg)
     crop = sizes[0]
-    train_set = _image_folder(
-        _split_dir(root, ["train"]), _transforms(crop, backbone.mean, backbone.std, True)
-    )
-    test_dir = _split_dir(root, ["test", "val"])
+    train_set, test_dir = _datasets(root, crop, backbone)
     class_names = train_set.classes
-    if _image_folder(test_dir, None).classes != class_names:  # fail before training, not after
-        raise UserInputError(f"{test_dir}: classes differ from the train/ classes {class_names}")
     model = _build_model(cfg, sizes, len(class_names), backbone).to(device)
     loader = DataLoader(
         train_set,
