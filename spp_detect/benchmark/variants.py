@@ -63,8 +63,10 @@ WeightsArg = Union[str, bool, os.PathLike]
 
 @dataclass(frozen=True)
 class FastOptions:
-    # Truncated SVD of fc6/fc7 at Fast R-CNN's proportions (SVD_FRACTIONS).
-    svd: bool = True
+    # Truncated SVD of fc6/fc7 at Fast R-CNN's proportions (SVD_FRACTIONS). Off: it needs fc
+    # layers with a decaying spectrum (ImageNet-trained ones); on a head fine-tuned from random
+    # init the rank-1024/256 cut lost nearly all the toy mAP (72.2 -> 1.3, docs/speed.md).
+    svd: bool = False
     # test.fast_head: fc6/fc7 arithmetic ("off", "bf16", "int8"; modeling/fast_head.py).
     fast_head: str = "bf16"
     # test.fast_conv: conv pass ("off", "channels_last", "bf16"; modeling/fast_conv.py).
