@@ -249,18 +249,10 @@ def finetune_head(
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.lr_step_factor)
     if set_input_scale:
         _set_input_scale(head, source, images)
-    run = _Run(log=[], totals=np.zeros(3), start=0)
     saved = checkpoint.load() if checkpoint is not None else None
+    run = _Run(log=[], totals=np.zeros(3), start=0)
     if saved is not None:
-        head.load_state_dict(saved["head"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        rng.bit_generator.state = saved["rng"]
-        gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        run = _Run(
-            log=list(saved["log"]), totals=np.array(saved["totals"]), start=saved["iteration"]
-        )
+        run = _restore(saved, head, opt, sched, rng, gen)
         logger.info("fine-tuning: resuming at iteration %d from %s", run.start, checkpoint.path)
 
     def state() -> Dict[str, Any]:
@@ -301,6 +293,17 @@ class _Run:
     log: List[Dict[str, float]]
     totals: np.ndarray  # since the last log entry: loss * n, correct, n
     start: int
+
+
+def _restore(saved: Dict[str, Any], head, opt, sched, rng, gen) -> "_Run":
+    """Put a checkpoint's head, optimizer, scheduler and RNG states back; returns the run."""
+    head.load_state_dict(saved["head"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    rng.bit_generator.state = saved["rng"]
+    gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return _Run(log=list(saved["log"]), totals=np.array(saved["totals"]), start=saved["iteration"])
 
 
 def _sgd_step(head, opt, sched, x: Tensor, y: Tensor, totals: np.ndarray) -> None:

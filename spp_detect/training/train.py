@@ -191,6 +191,45 @@ def training_images(
     return images, make_training_images(mirrored, mirrored_props, config.finetune, use_difficult)
 
 
+def _new_log(dataset, method: str, device: torch.device) -> Dict[str, Any]:
+    if len(dataset) == 0:
+        raise UserInputError(f"{dataset.root}: split {dataset.split!r} has no images")
+    return {
+        "method": method,
+        "dataset": {
+            "root": str(dataset.root),
+            "year": dataset.year,
+            "split": dataset.split,
+            "images": len(dataset),
+        },
+        "class_names": dataset.class_names,
+        "device": str(device),
+        "seconds": {},
+    }
+
+
+def finetune_key(method: str, config: DetectorConfig, dataset, proposals, backbone) -> str:
+    """What determines the fine-tuned head, and nothing else (not the SVM, test or worker
+    settings): the method, the config sections of ``_FINETUNE_INPUTS``, the classes, every
+    annotation, the proposals (which follow the image content through the proposal cache's
+    content key) and all backbone weights."""
+    cfg = config.to_dict()
+    h = hashlib.sha256()
+    for rec in dataset.records:
+        h.update(rec.image_id.encode() + b"\0")
+        for arr in (rec.boxes, rec.labels, rec.difficult, rec.crowd, proposals[rec.image_id]):
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return _digest(
+        [
+            method,
+            {k: cfg[k] for k in _FINETUNE_INPUTS},
+            dataset.class_names,
+            h.hexdigest(),
+            weights_digest(backbone),
+        ]
+    )
+
+
 def train_detector(
     dataset: VOCDataset,
     output_dir: Union[str, Path],
@@ -223,21 +262,7 @@ def train_detector(
     cache_dir = Path(cache_dir) if cache_dir is not None else output_dir / "cache"
     dev = resolve_device(device)
     torch.manual_seed(config.finetune.seed)
-    log: Dict[str, Any] = {
-        "method": method,
-        "dataset": {
-            "root": str(dataset.root),
-            "year": dataset.year,
-            "split": dataset.split,
-            "images": len(dataset),
-        },
-        "class_names": dataset.class_names,
-        "device": str(dev),
-        "seconds": {},
-    }
-    if len(dataset) == 0:
-        raise ValueError(f"{dataset.root}: split {dataset.split!r} has no images")
-
+    log = _new_log(dataset, method, dev)
     # Build the detector (and so load and check the weights) before any expensive stage.
     detector = build_detector(method, dataset.class_names, config, pretrained=pretrained).to(dev)
     resolve_fc_init(config, pretrained)
@@ -247,26 +272,14 @@ def train_detector(
     log["proposals_per_image"] = float(
         sum(len(proposals[r.image_id]) for r in dataset.records) / len(dataset)
     )
-
     source = make_feature_source(detector, cache_dir)
-
     images, flipped = training_images(dataset.records, proposals, config)
     t = time.perf_counter()
     log["feature_cache"] = source.prepare(images + flipped)
     log["seconds"]["features"] = time.perf_counter() - t
 
-    # Keyed on what determines the fine-tuned head only: not on the SVM, test or worker settings.
-    cfg = config.to_dict()
-    ft_key = _digest(
-        [
-            method,
-            {k: cfg[k] for k in _FINETUNE_INPUTS},
-            dataset.class_names,
-            dataset.image_ids,
-            weights_digest(detector.backbone),
-        ]
-    )
     t = time.perf_counter()
+    ft_key = finetune_key(method, config, dataset, proposals, detector.backbone)
     stage = _FinetuneStage(output_dir, ft_key, resume)
     stage.run(detector, source, images, flipped, config, pretrained, cache_dir, log)
     log["seconds"]["finetune"] = time.perf_counter() - t
