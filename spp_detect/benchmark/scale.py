@@ -195,9 +195,16 @@ def _run_child(spec: Dict[str, Any], folder: Path) -> Dict[str, Any]:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate()
+    except BaseException:  # interrupted: the child goes too
+        proc.kill()
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        tail = "\n".join(lines[-15:])
         raise RuntimeError(f"scale report: {spec['job']} of {folder} failed:\n{tail}")
     result = json.loads(result_path.read_text(encoding="utf-8"))
     result["process_seconds"] = time.perf_counter() - t
