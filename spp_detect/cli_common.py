@@ -87,8 +87,10 @@ def run_user_command(main: Callable[[argparse.Namespace], Any], args: argparse.N
     naming the rank that failed).
     """
     from .distributed import RankFailedError, process_group
+    from .utils import limit_heap_growth
 
     setup_logging(getattr(args, "verbose", False))
+    limit_heap_growth()  # peak RSS flat in the number of images (utils.limit_heap_growth)
     try:
         # Under torchrun (WORLD_SIZE > 1) every rank joins the process group; else a no-op.
         with process_group(getattr(args, "device", None)):

@@ -176,3 +176,30 @@ class StageTimer:
 def null_timer() -> StageTimer:
     """A timer whose figures nobody reads (no device sync, so no slowdown on CUDA)."""
     return StageTimer(None)
+
+
+# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD = -3).
+_M_MMAP_THRESHOLD = -3
+# Blocks of at least this size come straight from mmap and go back to the system when freed.
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def limit_heap_growth() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB for this process (a no-op elsewhere).
+
+    glibc raises the threshold after large blocks are freed, so the conv maps of images of
+    many sizes end up on the heap, which fragments and is never returned: peak RSS then grows
+    with the number of images (measured: 813 -> 1,888 MB over 24 backbone passes at distinct
+    widths; about 860 MB flat with the threshold fixed, as ``MALLOC_MMAP_THRESHOLD_=1048576``
+    does). Returns whether the setting was applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return False
+
