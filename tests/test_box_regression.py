@@ -1,5 +1,5 @@
-"""The per-class ridge box regressor: training (training/bbox_training.py) against a float64
-port of R-CNN's code, and prediction (modeling/box_regression.py)."""
+"""The per-class ridge box regressor: training (training/bbox_fit.py, bbox_training.py,
+ridge.py) against a float64 port of R-CNN's code, and prediction (modeling/box_regression.py)."""
 
 import logging
 
@@ -11,7 +11,9 @@ from torch import nn
 from spp_detect.config import DetectorConfig, apply_overrides
 from spp_detect.modeling.box_regression import BoxRegressor
 from spp_detect.structures import BoxCoder, matched_box_iou
-from spp_detect.training.bbox_training import BoxRegressionTrainer, fit_box_regressor, ridge_solve
+from spp_detect.training.bbox_fit import fit_box_regressor
+from spp_detect.training.bbox_training import BoxRegressionTrainer
+from spp_detect.training.ridge import ridge_solve
 
 get_deltas = BoxCoder().get_deltas
 apply_deltas = BoxCoder().apply_deltas
@@ -134,7 +136,7 @@ def test_identity_for_classes_without_samples(caplog):
     bx = torch.cat([boxes, far])
     gts = torch.cat([gt, boxes])
     lab = torch.cat([labels, torch.ones_like(labels)])
-    with caplog.at_level(logging.WARNING, logger="spp_detect.training.bbox_training"):
+    with caplog.at_level(logging.WARNING, logger="spp_detect.training.bbox_fit"):
         reg = fit_box_regressor(x, bx, gts, lab, 3)
     assert reg.trained.tolist() == [True, False, False]
     assert "class 1" in caplog.text and "class 2" in caplog.text

@@ -17,10 +17,12 @@ from spp_detect.config import DetectorConfig, apply_overrides
 from spp_detect.datasets.records import ImageRecord
 from spp_detect.modeling.build import build_detector
 from spp_detect.modeling.svm import LinearSVMs
-from spp_detect.training.bbox_training import BoxRegressionTrainer, fit_box_regressor
+from spp_detect.training.bbox_fit import fit_box_regressor
+from spp_detect.training.bbox_training import BoxRegressionTrainer
 from spp_detect.training.conv_cache import ConvFeatureCache
 from spp_detect.training.rcnn_features import RCNNWindowFeatures
-from spp_detect.training.svm_training import HardNegativeMiner, SVMSolver
+from spp_detect.training.hard_negatives import HardNegativeMiner
+from spp_detect.training.svm_solver import SVMSolver
 from spp_detect.training.window_features import SPPWindowFeatures, memory_budget
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from spp_detect.benchmark.scale import STAGES, TARGETS, fit_power_law, folder_bytes
+from spp_detect.benchmark.scale import folder_bytes
+from spp_detect.benchmark.scale_report import STAGES, TARGETS, fit_power_law
 from spp_detect.errors import UserInputError
 
 _spec = importlib.util.spec_from_file_location(

@@ -1,5 +1,5 @@
 """Per-class linear SVMs (modeling/svm.py: scoring) and their training with liblinear and
-R-CNN's hard negative mining (training/svm_training.py)."""
+R-CNN's hard negative mining (training/svm_solver.py, hard_negatives.py, svm_training.py)."""
 
 import ast
 import logging
@@ -12,12 +12,9 @@ from torch import nn
 
 import spp_detect.modeling
 from spp_detect.modeling.svm import UNTRAINED_BIAS, LinearSVMs, mean_norm_scale
-from spp_detect.training.svm_training import (
-    HardNegativeMiner,
-    MiningImage,
-    SVMSolver,
-    train_svms,
-)
+from spp_detect.training.hard_negatives import HardNegativeMiner, MiningImage
+from spp_detect.training.svm_solver import SVMSolver
+from spp_detect.training.svm_training import train_svms
 
 
 def far_boxes(n):
@@ -333,7 +330,7 @@ def test_train_svms_end_to_end_and_untrained_class(caplog):
         im = toy_image(g, 2, d, centres[:2])  # class 2 never appears
         ious = torch.cat([im.window_ious, torch.zeros(im.window_ious.shape[0], 1)], dim=1)
         images.append(im._replace(window_ious=ious))
-    with caplog.at_level(logging.WARNING, logger="spp_detect.training.svm_training"):
+    with caplog.at_level(logging.WARNING, logger="spp_detect.training.hard_negatives"):
         svms = train_svms(images, k, retrain_limit=50)
     assert svms.trained.tolist() == [True, True, False]
     assert "class 2" in caplog.text

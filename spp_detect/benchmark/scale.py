@@ -1,4 +1,4 @@
-"""How training and testing grow with the dataset (issue 10): a scale report.
+"""How training and testing grow with the dataset (issue 10): running the sizes of a scale report.
 
 For each size N, a VOC-like toy set of N training and N test images (``make_toy_voc``, VOC's
 500 x 375 by default) is trained and tested on, each in a child process so its memory is its
@@ -30,38 +30,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
+from spp_detect.benchmark.scale_report import STAGES, TARGETS, analyse_sizes, write_scale_report
 from spp_detect.errors import UserInputError
-from spp_detect.utils import atomic_write_json, atomic_write_text
+from spp_detect.utils import atomic_write_json
 
-__all__ = [
-    "STAGES",
-    "TARGETS",
-    "DEFAULT_OVERRIDES",
-    "run_scale_report",
-    "fit_power_law",
-    "folder_bytes",
-]
+__all__ = ["DEFAULT_OVERRIDES", "run_scale_report", "folder_bytes"]
 
 logger = logging.getLogger(__name__)
 
-# Stages, and which N (training or test images) each grows with.
-STAGES = ("proposals", "conv_cache", "finetune", "svm", "bbox_reg", "test")
-_TEST_STAGES = ("test",)
-# Dataset sizes to extrapolate to: (training images, test images). VOC12's test set (10,991
-# images) and COCO's val2017 (5,000) stand for their test sets.
-TARGETS = {
-    "VOC07": (5011, 4952),
-    "VOC12": (11540, 10991),
-    "COCO train2017": (118287, 5000),
-}
 # The short configuration of a scale run (the rest are the package defaults): the paper's
 # ~60 fine-tuning iterations per image would make the 1,000-image run last hours; two per image
 # keep fine-tuning linear in N, so its slope (not its absolute time) carries over.
 DEFAULT_OVERRIDES = ("finetune.iters_per_image=2",)
-# Peak RSS counts as flat in N when its log-log slope is below this (10x the images: < 26%).
-FLAT_SLOPE = 0.1
 _SAMPLE_SECONDS = 0.02
 
 
@@ -283,197 +263,6 @@ def _iterations(log: Dict[str, Any]) -> Optional[int]:
     return int(entries[-1]["iteration"]) if entries and "iteration" in entries[-1] else None
 
 
-# -- fits and the report ---------------------------------------------------------------------
-
-
-def fit_power_law(ns: Sequence[float], ys: Sequence[float]) -> Optional[Dict[str, float]]:
-    """Least-squares fit of ``log y = log a + b log N``; None with fewer than two positive
-    points. Returns ``{"a", "slope"}``."""
-    pts = [(n, y) for n, y in zip(ns, ys) if n > 0 and y > 0]
-    if len({n for n, _ in pts}) < 2:
-        return None
-    x = np.log([n for n, _ in pts])
-    y = np.log([v for _, v in pts])
-    slope, intercept = np.polyfit(x, y, 1)
-    return {"a": float(math.exp(intercept)), "slope": float(slope)}
-
-
-def _predict(fit: Optional[Dict[str, float]], n: float) -> Optional[float]:
-    return None if fit is None else fit["a"] * n ** fit["slope"]
-
-
-def _analyse(sizes: List[Dict[str, Any]]) -> Dict[str, Any]:
-    fits: Dict[str, Dict[str, Any]] = {"seconds": {}, "peak_rss_bytes": {}, "disk_bytes": {}}
-    for metric in fits:
-        for stage in STAGES:
-            key = "n_test" if stage in _TEST_STAGES else "n_train"
-            ns = [s[key] for s in sizes]
-            fits[metric][stage] = fit_power_law(ns, [s[metric][stage] for s in sizes])
-    largest = max(sizes, key=lambda s: s["n_train"])
-    extrapolated: Dict[str, Dict[str, Any]] = {}
-    for name, (n_train, n_test) in TARGETS.items():
-        row: Dict[str, Any] = {"n_train": n_train, "n_test": n_test}
-
-        def target(stage: str, n_train=n_train, n_test=n_test) -> Tuple[int, int]:
-            test = stage in _TEST_STAGES
-            return (n_test, largest["n_test"]) if test else (n_train, largest["n_train"])
-
-        for metric in fits:
-            row[metric + "_power_law"] = {
-                stage: _predict(fits[metric][stage], target(stage)[0]) for stage in STAGES
-            }
-        # Time and disk are per image by design: the per-image rate of the largest run, which
-        # small runs' fixed costs bias least. Peak RSS: the power law.
-        for metric in ("seconds", "disk_bytes"):
-            row[metric] = {
-                stage: largest[metric][stage] * target(stage)[0] / target(stage)[1]
-                for stage in STAGES
-            }
-        row["peak_rss_bytes"] = row["peak_rss_bytes_power_law"]
-        row["total_seconds"] = sum(row["seconds"].values())
-        row["total_seconds_power_law"] = sum(v or 0.0 for v in row["seconds_power_law"].values())
-        row["total_disk_bytes"] = sum(row["disk_bytes"].values())
-        row["peak_rss_bytes_max"] = max(v or 0.0 for v in row["peak_rss_bytes"].values())
-        extrapolated[name] = row
-    rss_slopes = {s: (f or {}).get("slope") for s, f in fits["peak_rss_bytes"].items()}
-    flat = all(v is not None and v < FLAT_SLOPE for v in rss_slopes.values())
-    return {"fits": fits, "extrapolated": extrapolated, "peak_rss_flat": flat}
-
-
-def _mb(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v / 1e6:,.1f}"
-
-
-def _sec(v: Optional[float]) -> str:
-    if v is None:
-        return "-"
-    if v >= 7200:
-        return f"{v / 3600:,.1f} h"
-    return f"{v:,.1f} s"
-
-
-def _slope(f: Optional[Dict[str, float]]) -> str:
-    return "-" if f is None else f"{f['slope']:.2f}"
-
-
-def _markdown(report: Dict[str, Any]) -> str:
-    sizes, fits = report["sizes"], report["fits"]
-    lines = [
-        "# Scale report",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {report['machine']}. Method {report['method']}, device {report['device']}, "
-        f"weights {report['weights']}; images {report['image_size'][0]}-"
-        f"{report['image_size'][1]} px (toy VOC generator); overrides: "
-        f"`{' '.join(report['overrides']) or '(none)'}`.",
-        "",
-        "## Measured",
-        "",
-        "| N | stage | seconds | peak RSS (MB) | disk (MB) |",
-        "|---:|---|---:|---:|---:|",
-    ]
-    for s in sizes:
-        for stage in STAGES:
-            lines.append(
-                f"| {s['n_train']} | {stage} | {s['seconds'][stage]:.2f} | "
-                f"{_mb(s['peak_rss_bytes'][stage])} | {_mb(s['disk_bytes'][stage])} |"
-            )
-    lines += [
-        "",
-        "Whole processes (exact peak, `getrusage`): "
-        + "; ".join(
-            f"N={s['n_train']}: train {_mb(s['train_max_rss_bytes'])} MB in "
-            f"{s['train_wall_seconds']:.1f} s, test {_mb(s['test_max_rss_bytes'])} MB in "
-            f"{s['test_wall_seconds']:.1f} s (mAP {s['mAP']:.3f})"
-            for s in sizes
-        )
-        + ".",
-        "",
-        "## Growth with N (log-log slope: 1 = linear, 0 = flat)",
-        "",
-        "| stage | time | peak RSS | disk |",
-        "|---|---:|---:|---:|",
-    ]
-    for stage in STAGES:
-        lines.append(
-            f"| {stage} | {_slope(fits['seconds'][stage])} | "
-            f"{_slope(fits['peak_rss_bytes'][stage])} | {_slope(fits['disk_bytes'][stage])} |"
-        )
-    verdict = "flat" if report["peak_rss_flat"] else "NOT flat"
-    cache = sizes[-1]["feature_cache"]
-    lines += [
-        "",
-        f"Peak RSS is **{verdict}** in N (criterion: every stage's log-log slope below "
-        f"{FLAT_SLOPE}). By design, training's in-memory pooled windows grow with N up to the "
-        f"memory budget ({_mb(cache.get('memory_budget_bytes'))} MB here; "
-        f"{_mb(cache.get('pooled_bytes'))} MB at N={sizes[-1]['n_train']}, "
-        f"{'in memory' if cache.get('pooled_in_memory') else 'pooled from the conv cache'}) "
-        "and are pooled from the on-disk conv cache beyond it; the SVM caches and regression "
-        "samples grow up to their per-class caps.",
-        "",
-        "## Extrapolated to full datasets on this machine",
-        "",
-        "Time and disk: the per-image rate of the largest run times N (the pipeline is per "
-        "image); the power-law total is given for comparison. Peak RSS: the power-law fit.",
-        "",
-        "| dataset | train / test images | proposals | conv cache | fine-tuning | SVMs | "
-        "regression | testing | total time | total (power law) | peak RSS (MB) | disk (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in report["extrapolated"].items():
-        t = row["seconds"]
-        lines.append(
-            f"| {name} | {row['n_train']:,} / {row['n_test']:,} | "
-            + " | ".join(_sec(t[s]) for s in STAGES)
-            + f" | {_sec(row['total_seconds'])} | {_sec(row['total_seconds_power_law'])} | "
-            f"{_mb(row['peak_rss_bytes_max'])} | {_mb(row['total_disk_bytes'])} |"
-        )
-    lines += [
-        "",
-        "Fine-tuning ran the short configuration's iterations per image; at the paper's "
-        "300k iterations on VOC07 (~60 per image) it is that many times longer. Peak RSS per "
-        "stage sums the process tree (proposal workers included) and is aligned on the stage "
-        "seconds of `train_log.json`. SVMs and regression share one pass over the images; "
-        "regression's time is the time spent sampling and fitting it, and its disk is inside "
-        "`model.pt` (counted under svm).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _plot(report: Dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes, fits = report["sizes"], report["fits"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    titles = {"seconds": "time (s)", "peak_rss_bytes": "peak RSS (bytes)", "disk_bytes": "disk"}
-    for ax, metric in zip(axes, titles):
-        for stage in STAGES:
-            key = "n_test" if stage in _TEST_STAGES else "n_train"
-            ns = np.array([s[key] for s in sizes], dtype=float)
-            ys = np.array([s[metric][stage] for s in sizes], dtype=float)
-            if not (ys > 0).any():
-                continue
-            (line,) = ax.plot(ns[ys > 0], ys[ys > 0], "o", label=stage)
-            fit = fits[metric][stage]
-            if fit is not None:
-                grid = np.geomspace(ns.min(), max(TARGETS["VOC07"]), 50)
-                ax.plot(grid, fit["a"] * grid ** fit["slope"], "--", color=line.get_color())
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("images N")
-        ax.set_title(titles[metric] + " (dashed: fit to VOC07)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run_scale_report(
     sizes: Sequence[int],
     output: Path,
@@ -510,10 +299,8 @@ def run_scale_report(
         "targets": {k: list(v) for k, v in TARGETS.items()},
         "sizes": measured,
     }
-    report.update(_analyse(measured))
-    atomic_write_json(output / "scale.json", report)
-    atomic_write_text(output / "scale.md", _markdown(report))
-    _plot(report, output / "scale.png")
+    report.update(analyse_sizes(measured))
+    write_scale_report(report, output)
     return report
 
 

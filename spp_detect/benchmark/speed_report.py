@@ -204,6 +204,26 @@ def _log_summary(report: Mapping[str, Any]) -> None:
         logger.info("speed-up of %s over R-CNN: %.1fx", m, x)
 
 
+def _time_methods(detectors, records, proposal_settings, cache: Path, settings, dev):
+    """Read the images, time the proposals and every detector on them; returns the load
+    average before, the images, their ids, the boxes, and ``benchmark_detectors``' timings and
+    detections."""
+    load_before = load_average()
+    images = [read_image(r.path) for r in records]
+    image_ids = [r.image_id for r in records]
+    boxes, ss_seconds = time_proposals(records, images, proposal_settings, cache)
+    caps = {"rcnn": settings.rcnn_max_windows} if settings.rcnn_max_windows else {}
+    logger.info(
+        "timing %s on %d images (%s windows per image) on %s",
+        ", ".join(detectors), len(records),
+        "/".join(str(len(boxes[i])) for i in image_ids), dev,
+    )  # fmt: skip
+    per_image, dets = benchmark_detectors(
+        detectors, image_ids, images, boxes, ss_seconds, dev, settings.warmup, caps
+    )
+    return load_before, images, image_ids, boxes, per_image, dets
+
+
 def run_speed_report(
     voc_root: PathLike,
     output_dir: PathLike,
@@ -250,19 +270,9 @@ def run_speed_report(
         settings.single_scale, settings.five_scales, settings.seed,
         rcnn_fast=settings.rcnn_fast,
     )  # fmt: skip
-    load_before = load_average()
-    images = [read_image(r.path) for r in records]
-    image_ids = [r.image_id for r in records]
     cache = Path(cache_dir) if cache_dir is not None else Path(output_dir) / "cache" / "proposals"
-    boxes, ss_seconds = time_proposals(records, images, proposal_settings, cache)
-    caps = {"rcnn": settings.rcnn_max_windows} if settings.rcnn_max_windows else {}
-    logger.info(
-        "timing %s on %d images (%s windows per image) on %s",
-        ", ".join(detectors), len(records),
-        "/".join(str(len(boxes[i])) for i in image_ids), dev,
-    )  # fmt: skip
-    per_image, dets = benchmark_detectors(
-        detectors, image_ids, images, boxes, ss_seconds, dev, settings.warmup, caps
+    load_before, images, image_ids, boxes, per_image, dets = _time_methods(
+        detectors, records, proposal_settings, cache, settings, dev
     )
     methods = _summaries(per_image, dets, info, dataset, records)
     speedup, speedup_with_proposals = compute_speedups(methods)

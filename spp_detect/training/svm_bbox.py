@@ -1,9 +1,10 @@
 """Stages 2 and 3 of detector training, in one pass over the training images:
 
 - per-class linear SVMs on fc7 with one pass of hard negative mining (R-CNN / SPP-net;
-  ``training/svm_training.py``);
+  ``training/hard_negatives.py``, ``training/svm_solver.py``);
 - per-class ridge box regressors on the pooled conv features of windows that overlap a ground
-  truth (SPP_net code: IoU > 0.5, lambda 4000; ``training/bbox_training.py``).
+  truth (SPP_net code: IoU > 0.5, lambda 4000; ``training/bbox_training.py``,
+  ``training/bbox_fit.py``).
 
 At VOC or COCO size the pass takes hours, so it is bounded and resumable (issue 10): each
 class's negative cache and regression samples have caps (``svm.max_cached_negatives``,
@@ -37,7 +38,8 @@ from spp_detect.serialization import load_file, save_file
 from spp_detect.training.bbox_training import BoxRegressionTrainer
 from spp_detect.training.conv_cache import weights_digest
 from spp_detect.training.finetune import TrainingImage
-from spp_detect.training.svm_training import HardNegativeMiner, SVMSolver
+from spp_detect.training.hard_negatives import HardNegativeMiner
+from spp_detect.training.svm_solver import SVMSolver
 from spp_detect.training.window_features import all_rows
 
 __all__ = ["train_svms_and_regressors", "class_ious", "SVMStageCheckpoint", "stage_key"]
@@ -165,6 +167,49 @@ def _first_pass(detector, source, images, config: DetectorConfig):
     return positives, torch.cat(fc7_sample), bbox_scale
 
 
+def _make_miner(svms: LinearSVMs, s: Any) -> HardNegativeMiner:
+    """The hard negative miner of ``svms`` with the settings ``s`` (``config.svm``)."""
+    return HardNegativeMiner(
+        svms,
+        solver=SVMSolver(C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier),
+        neg_iou_thresh=s.neg_iou_thresh,
+        dedup_negatives=s.dedup_negatives,
+        neg_overlap=s.neg_overlap,
+        hard_thresh=s.hard_thresh,
+        easy_thresh=s.easy_thresh,
+        retrain_limit=s.retrain_limit,
+        max_cached_negatives=s.max_cached_negatives,
+    )
+
+
+def _add_image(
+    detector,
+    source,
+    im: TrainingImage,
+    i: int,
+    miner: HardNegativeMiner,
+    bbox: BoxRegressionTrainer,
+    config: DetectorConfig,
+) -> float:
+    """Image ``i`` into the miner and (when enabled) the box regression samples; returns the
+    seconds spent on box regression."""
+    k = detector.num_classes
+    bbox_seconds = 0.0
+    pooled = all_rows(source, i)
+    feats = _fc7(detector, pooled)
+    windows = im.windows.to(feats.device)
+    g = im.gt_boxes.shape[0]
+    is_gt = torch.zeros(windows.shape[0], dtype=torch.bool, device=feats.device)
+    is_gt[:g] = True
+    ious = class_ious(windows, im.gt_boxes, im.gt_labels, k)
+    if config.bbox_reg.enabled:
+        t = time.perf_counter()
+        bbox.add_image(pooled, windows, im.gt_boxes, im.gt_labels)
+        bbox_seconds += time.perf_counter() - t
+    miner.add_image(feats, ious, is_gt, im.gt_labels.to(feats.device), windows)
+    return bbox_seconds
+
+
 def train_svms_and_regressors(
     detector,
     source,
@@ -188,17 +233,7 @@ def train_svms_and_regressors(
     k = detector.num_classes
     s = config.svm
     svms = LinearSVMs(k, feature_norm=s.feature_norm)
-    miner = HardNegativeMiner(
-        svms,
-        solver=SVMSolver(C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier),
-        neg_iou_thresh=s.neg_iou_thresh,
-        dedup_negatives=s.dedup_negatives,
-        neg_overlap=s.neg_overlap,
-        hard_thresh=s.hard_thresh,
-        easy_thresh=s.easy_thresh,
-        retrain_limit=s.retrain_limit,
-        max_cached_negatives=s.max_cached_negatives,
-    )
+    miner = _make_miner(svms, s)
     bbox = BoxRegressionTrainer.from_config(config.bbox_reg, seed=config.finetune.seed)
     ckpt = SVMStageCheckpoint(
         checkpoint_path,
@@ -232,19 +267,7 @@ def train_svms_and_regressors(
         ckpt.maybe_save(state_fn, force=True)  # the positives: a whole pass over the images
     bar = tqdm(total=len(images), initial=start, desc="SVM mining + bbox", unit="img", leave=False)
     for i in range(start, len(images)):
-        im = images[i]
-        pooled = all_rows(source, i)
-        feats = _fc7(detector, pooled)
-        windows = im.windows.to(feats.device)
-        g = im.gt_boxes.shape[0]
-        is_gt = torch.zeros(windows.shape[0], dtype=torch.bool, device=feats.device)
-        is_gt[:g] = True
-        ious = class_ious(windows, im.gt_boxes, im.gt_labels, k)
-        if config.bbox_reg.enabled:
-            t = time.perf_counter()
-            bbox.add_image(pooled, windows, im.gt_boxes, im.gt_labels)
-            bbox_seconds += time.perf_counter() - t
-        miner.add_image(feats, ious, is_gt, im.gt_labels.to(feats.device), windows)
+        bbox_seconds += _add_image(detector, source, images[i], i, miner, bbox, config)
         next_image = i + 1
         ckpt.maybe_save(state_fn)
         bar.update(1)

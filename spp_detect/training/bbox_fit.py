@@ -1,0 +1,217 @@
+"""Training the box regressors: R-CNN's ridge regression from window features to deltas.
+
+The recipe of the R-CNN / SPP_net code (``rcnn_train_bbox_regressor.m``,
+``spp_train_bbox_regressor.m``): a window trains the regressor of the class of the ground truth
+it overlaps most, when that IoU is above ``iou_thresh`` (SPP_net code 0.5, R-CNN 0.6); features
+are scaled to a mean L2 norm of 20 and get a constant-1 bias feature; targets are centred and
+decorrelated (whitened) per class; ridge regression (lambda: SPP_net code 4000, R-CNN 1000) is
+solved in closed form. The result is a ``modeling.box_regression.BoxRegressor``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..modeling.box_regression import BoxRegressor
+from ..structures.box_coder import BoxCoder
+from ..structures.boxes import matched_box_iou
+from .ridge import ridge_solve_with_bias
+
+__all__ = ["fit_box_regressor", "check_boxes"]
+
+logger = logging.getLogger(__name__)
+
+# R-CNN / SPP_net whiten the targets with V diag(1 / sqrt(D + 0.001)) V^T (eigen-decomposition
+# of the targets' covariance); the 0.001 keeps a degenerate direction finite.
+_WHITEN_EPS = 1e-3
+
+
+def check_boxes(boxes: Tensor, name: str) -> None:
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name} must be Tensor[N, 4] xyxy, got shape {tuple(boxes.shape)}")
+
+
+def _check_fit_inputs(
+    features: Tensor, boxes: Tensor, gt_boxes: Tensor, labels: Tensor, num_classes: int
+) -> None:
+    n = features.shape[0]
+    if features.ndim != 2:
+        raise ValueError(f"features must be Tensor[N, D], got {tuple(features.shape)}")
+    check_boxes(boxes, "boxes")
+    check_boxes(gt_boxes, "gt_boxes")
+    if boxes.shape[0] != n or gt_boxes.shape[0] != n or labels.shape != (n,):
+        raise ValueError(
+            f"fit: lengths differ: features {n}, boxes {boxes.shape[0]}, gt_boxes "
+            f"{gt_boxes.shape[0]}, labels {tuple(labels.shape)}"
+        )
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"fit: labels must lie in [0, {num_classes}), got "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def _whiten(y: Tensor) -> Tuple[Tensor, Tensor]:
+    """R-CNN: decorrelate centred targets ``y`` (Tensor[N, 4] float64); returns the whitened
+    targets and the 4 x 4 transform that maps predictions back."""
+    cov = y.T @ y / y.shape[0]
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp(min=0) + _WHITEN_EPS
+    whiten = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    return y @ whiten, evecs @ torch.diag(evals.sqrt()) @ evecs.T
+
+
+def _fit_classes(
+    features: Tensor,
+    boxes: Tensor,
+    gt_boxes: Tensor,
+    labels: Tensor,
+    k: int,
+    coder: BoxCoder,
+    feature_scale: Any,
+    *,
+    lambda_: float,
+    iou_thresh: float,
+    min_samples: int,
+    regularize_bias: bool,
+    whiten_targets: bool,
+    method: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every class's ridge fit (``fit_box_regressor``'s arguments; boxes and labels on the
+    device of ``features``); returns float64 ``weight[K, D + 1, 4]``, ``target_mean[K, 4]``,
+    ``target_transform[K, 4, 4]`` and ``trained`` BoolTensor[K]."""
+    d = features.shape[1]
+    device = features.device
+    weight = torch.zeros(k, d + 1, 4, dtype=torch.float64, device=device)
+    mean = torch.zeros(k, 4, dtype=torch.float64, device=device)
+    transform = torch.eye(4, dtype=torch.float64, device=device).repeat(k, 1, 1)
+    trained = torch.zeros(k, dtype=torch.bool, device=device)
+    selected = matched_box_iou(boxes.double(), gt_boxes.double()) > iou_thresh
+    for c in range(k):
+        idx = torch.nonzero(selected & (labels == c)).flatten()
+        if idx.numel() < min_samples:
+            logger.warning(
+                "box regression: class %d has %d training windows (< %d); it keeps the identity",
+                c,
+                idx.numel(),
+                min_samples,
+            )
+            continue
+        x = features[idx].double() * feature_scale
+        y = coder.get_deltas(boxes[idx].double(), gt_boxes[idx].double())
+        mu = y.mean(dim=0)
+        y = y - mu
+        if whiten_targets:
+            y, transform[c] = _whiten(y)
+        weight[c] = ridge_solve_with_bias(x, y, lambda_, regularize_bias, method)
+        mean[c] = mu
+        trained[c] = True
+        logger.info("box regression: class %d trained on %d windows", c, idx.numel())
+    return weight, mean, transform, trained
+
+
+def _to_regressor(
+    weights: Sequence[float],
+    coder: BoxCoder,
+    feature_scale: Any,
+    weight: Tensor,
+    mean: Tensor,
+    transform: Tensor,
+    trained: Tensor,
+) -> BoxRegressor:
+    """A ``BoxRegressor`` holding ``_fit_classes``'s float64 results, on their device."""
+    device = weight.device
+    regressor = BoxRegressor(weight.shape[0], weights).to(device)
+    regressor.load_state_dict(
+        {
+            "weight": weight.float(),
+            "target_mean": mean.float(),
+            "target_transform": transform.float(),
+            "feature_scale": torch.tensor(float(feature_scale), device=device),
+            "trained": trained,
+            "delta_weights": torch.tensor(coder.weights, device=device),
+        }
+    )
+    return regressor
+
+
+@torch.no_grad()
+def fit_box_regressor(
+    features: Tensor,
+    boxes: Tensor,
+    gt_boxes: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    lambda_: float = 4000.0,
+    iou_thresh: float = 0.5,
+    feature_norm: float = 20.0,
+    feature_scale: Optional[float] = None,
+    min_samples: int = 10,
+    regularize_bias: bool = True,
+    whiten_targets: bool = True,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    method: str = "auto",
+) -> BoxRegressor:
+    """Train every class's regressor in closed form.
+
+    Args:
+        features (Tensor[N, D]): features of the windows (SPP-net: pooled conv5, D = C * 50).
+        boxes (Tensor[N, 4]): the windows, xyxy in pixels of their image.
+        gt_boxes (Tensor[N, 4]): the ground truth each window is matched to (R-CNN: the one
+            with the highest IoU), same frame.
+        labels (LongTensor[N]): 0-based class of that ground truth.
+        num_classes: K.
+        lambda_: ridge weight (SPP_net code: 4000; R-CNN: 1000), relative to features scaled to
+            a mean norm of ``feature_norm``.
+        iou_thresh: only rows with ``IoU(box, gt) > iou_thresh`` are used (SPP_net code: 0.5;
+            R-CNN: 0.6; strict as ``O > opts.min_overlap`` in R-CNN).
+        feature_norm: features are scaled by one factor so their mean L2 norm is this (R-CNN /
+            SPP_net ``*_scale_features``: 20).
+        feature_scale: that factor if known; None computes ``feature_norm / mean ||f_i||`` over
+            all N rows (R-CNN computes it on a random sample of windows; pass such a value to
+            follow it exactly).
+        min_samples: a class with fewer training windows keeps the identity (zero deltas) and a
+            warning is logged (ours, not the papers': with a handful of windows the fit would
+            shift every window by their mean delta).
+        regularize_bias: True penalises the bias weight like every other weight, as R-CNN and
+            SPP_net do (they append a constant-1 feature); False leaves it free (solved on
+            centred features). The targets are centred first, so the two barely differ.
+        whiten_targets: centre and decorrelate the targets per class (R-CNN); False only
+            centres them.
+        weights: ``(wx, wy, ww, wh)`` of the ``BoxCoder`` (1 in R-CNN).
+        method: ridge solver, "auto" (dual when N_c < D + 1), "primal" or "dual".
+    Returns:
+        A ``BoxRegressor`` on the device of ``features``.
+    """
+    if lambda_ <= 0:
+        raise ValueError(f"fit_box_regressor: lambda_ must be positive, got {lambda_}")
+    _check_fit_inputs(features, boxes, gt_boxes, labels, num_classes)
+    n = features.shape[0]
+    min_samples = max(1, int(min_samples))
+    device = features.device
+    if feature_scale is None:
+        mean_norm = float(features.double().norm(dim=1).mean()) if n else 0.0
+        feature_scale = feature_norm / mean_norm if mean_norm > 0 else 1.0
+    k = num_classes
+    coder = BoxCoder(weights)
+    weight, mean, transform, trained = _fit_classes(
+        features,
+        boxes.to(device),
+        gt_boxes.to(device),
+        labels.to(device),
+        k,
+        coder,
+        feature_scale,
+        lambda_=lambda_,
+        iou_thresh=iou_thresh,
+        min_samples=min_samples,
+        regularize_bias=regularize_bias,
+        whiten_targets=whiten_targets,
+        method=method,
+    )
+    return _to_regressor(weights, coder, feature_scale, weight, mean, transform, trained)
