@@ -5,7 +5,8 @@ the pooled conv5 features of a window to the R-CNN deltas (``structures.box_code
 that move it onto its ground truth. The model follows the R-CNN / SPP_net code
 (``rcnn_predict_bbox_regressor.m``): features scaled by one factor, a bias, and targets that were
 centred and whitened per class in training, mapped back here. The ridge fit that produces the
-buffers lives in ``spp_detect/training/bbox_training.py``.
+buffers lives in ``training/bbox_fit.py`` (``ridge.py``; samples gathered by
+``bbox_training.py``).
 """
 
 from __future__ import annotations
