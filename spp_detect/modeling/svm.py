@@ -1,9 +1,9 @@
 """One linear SVM per class on fc7 features: scoring at test time.
 
 SPP-net sec. 4.1 follows R-CNN: one linear SVM per class on fc7 features scaled to a mean L2 norm
-of 20 (R-CNN ``rcnn_scale_features``), ``score = w . (s x) + b``. The training lives in ``training/``:
-liblinear in ``svm_solver.py``, hard negative mining in ``hard_negatives.py``, the loop in
-``svm_training.py``.
+of 20 (R-CNN ``rcnn_scale_features``), ``score = w . (s x) + b``. The training lives in
+``training/``: liblinear in ``svm_solver.py``, hard negative mining in ``hard_negatives.py``, the
+loop in ``svm_training.py``.
 """
 
 from __future__ import annotations
