@@ -202,4 +202,3 @@ def limit_heap_growth() -> bool:
         return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
     except (OSError, AttributeError):  # not glibc: nothing to do
         return False
-

@@ -377,7 +377,7 @@ def test_cuda_scores_match_cpu():
 
 # -- resumable SVM + box-regression stage (issue 10) -----------------------------------------
 
-RESUME_SETUP = '''
+RESUME_SETUP = """
 import time
 import torch
 from torch import nn
@@ -444,7 +444,7 @@ CFG = DetectorConfig(
 def run(ckpt_path, delay=0.0):
     det = Det()
     return train_svms_and_regressors(det, Source(delay), IMAGES, CFG, checkpoint_path=ckpt_path)
-'''
+"""
 
 
 def _resume_namespace():
