@@ -98,8 +98,14 @@ class _RSSSampler:
         self._thread.join()
 
     def peak(self, start: float = -math.inf, end: float = math.inf) -> int:
+        """Largest sample in ``[start, end]``; a stage shorter than the sampling period gets
+        the samples just around it (RSS at its start and end), never 0."""
         inside = [r for t, r in self.samples if start <= t <= end]
-        return max(inside) if inside else 0
+        if inside or not self.samples:
+            return max(inside) if inside else 0
+        before = [r for t, r in self.samples if t < start][-1:]
+        after = [r for t, r in self.samples if t > end][:1]
+        return max(before + after)
 
 
 def _stage_seconds(log: Dict[str, Any]) -> Dict[str, float]:
