@@ -102,9 +102,9 @@ class DistillConfig:
     #               the pretrained pool size (7 / 6), the other levels' fc6 columns start at zero;
     #   "auto":     "distill" where the backbone has ImageNet weights and a classifier, else
     #               "random".
-    # Default "random": distillation has not yet measured better (docs/ablation.md: on the toy
-    # set the full new recipe with distilled fc layers gave 0.650 mAP where the previous recipe
-    # gave 0.743), and a default changes only where it measures better.
+    # Default "random": distillation measured worse (docs/ablation.md: the recipe from random
+    # fc layers 0.787 / 0.516 mAP on the plain / instance-split toy sets, from distilled ones
+    # 0.650 / 0.460), and a default changes only where it measures better.
     fc_init: str = "random"
     # Proposal windows per training image whose teacher embedding is computed (no labels used).
     windows_per_image: int = 64
