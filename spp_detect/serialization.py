@@ -9,6 +9,7 @@ refuses any other object before it is built, so a crafted file cannot run code.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, Union
@@ -18,9 +19,11 @@ import torch
 from .errors import UnsafeFileError, UserInputError
 from .utils import atomic_path
 
-__all__ = ["check_plain", "load_file", "save_file"]
+__all__ = ["check_plain", "load_file", "load_keyed", "save_file"]
 
 PathLike = Union[str, Path]
+
+logger = logging.getLogger(__name__)
 
 _SCALARS = (str, int, float, bool, type(None))
 _TORCH = (torch.Tensor, torch.dtype, torch.Size)
@@ -81,3 +84,18 @@ def load_file(path: PathLike, what: str = "file", map_location: Any = "cpu") -> 
         raise UserInputError(f"{path}: not a readable {what} ({reason[:200]})") from None
     except Exception as exc:  # noqa: BLE001 - any other failure to parse a user's file
         raise UserInputError(f"{path}: not a readable {what} ({type(exc).__name__})") from None
+
+
+def load_keyed(path: PathLike, key: str, what: str = "cache file") -> Any:
+    """A cache or checkpoint entry written as ``{"key": key, ...}``: the dict when ``path``
+    exists, is readable and holds ``key``; ``None`` otherwise (a damaged file is logged as a
+    warning, so the caller recomputes it)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = load_file(path, what=what)
+    except ValueError as exc:
+        logger.warning("%s; recomputing", exc)
+        return None
+    return data if isinstance(data, dict) and data.get("key") == key else None

@@ -32,7 +32,7 @@ from ..config import DistillConfig
 from ..datasets.images import read_image
 from ..modeling.backbones import ImageNetModel
 from ..modeling.rcnn import context_windows, warp_windows
-from ..serialization import load_file, save_file
+from ..serialization import load_keyed, save_file
 from .conv_cache import weights_digest
 
 __all__ = ["teacher_embedding", "TeacherCache", "distill_head", "choose_windows"]
@@ -102,13 +102,9 @@ class TeacherCache:
         """Cached or freshly computed embeddings, ``Tensor[R, E]`` float16 on the CPU."""
         key = self._key(windows)
         path = self._path(record.image_id, bool(getattr(record, "flipped", False)))
-        if path.is_file():
-            try:
-                data = load_file(path, what="teacher cache")
-                if isinstance(data, dict) and data.get("key") == key:
-                    return data["embeddings"]
-            except ValueError as exc:  # unreadable: recompute and overwrite
-                logger.warning("%s", exc)
+        data = load_keyed(path, key, what="teacher cache")
+        if data is not None:
+            return data["embeddings"]
         image = read_image(record.path)
         if getattr(record, "flipped", False):
             image = np.ascontiguousarray(image[:, ::-1])

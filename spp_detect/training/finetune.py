@@ -24,7 +24,7 @@ from tqdm import tqdm
 from spp_detect.config import FinetuneConfig
 from spp_detect.datasets.records import ImageRecord
 from spp_detect.datasets.sampling import BACKGROUND, label_windows
-from spp_detect.serialization import load_file, save_file
+from spp_detect.serialization import load_keyed, save_file
 
 __all__ = [
     "TrainingImage",
@@ -191,14 +191,9 @@ class FinetuneCheckpoint:
         self._last = time.monotonic()
 
     def load(self) -> Optional[Dict[str, Any]]:
-        if self.path is None or not Path(self.path).is_file():
+        if self.path is None:
             return None
-        try:
-            state = load_file(self.path, what="fine-tuning checkpoint")
-        except ValueError as exc:  # unreadable (killed mid-write cannot happen: atomic)
-            logger.warning("%s; fine-tuning starts over", exc)
-            return None
-        return state if isinstance(state, dict) and state.get("key") == self.key else None
+        return load_keyed(self.path, self.key, what="fine-tuning checkpoint")
 
     def maybe_save(self, state_fn, at_boundary: bool) -> None:
         if self.path is None or not at_boundary:
