@@ -29,6 +29,7 @@ from ..utils import StageTimer, null_timer
 from .box_regression import BoxRegressor
 from .fast_conv import fast_backbone
 from .fast_head import build_fast_head
+from .lowrank import check_head_stats
 from .head import FCHead
 from .svm import LinearSVMs
 
@@ -87,6 +88,9 @@ class WindowDetector(nn.Module):
         )
         self.svms: Optional[LinearSVMs] = None
         self.bbox_regressor: Optional[BoxRegressor] = None
+        # Mean and principal directions of fc6's and fc7's responses on training windows
+        # (``training/head_stats.py``), for ``test.svd_method="responses"`` (``lowrank.py``).
+        self.head_stats: Optional[Dict[str, Any]] = None
 
     # -- what subclasses provide -------------------------------------------------------------
     @property
@@ -148,6 +152,12 @@ class WindowDetector(nn.Module):
         self.backbone.eval()
         return self
 
+    def configure_test_head(self, head: nn.Module) -> nn.Module:
+        """``with_settings`` hook, called on the new configured copy with the float32 head
+        (possibly compressed) it is about to make fast: returns the head to convert and may set
+        the copy's own test-time input layout to match (``SPPDetector``). Here: ``head``."""
+        return head
+
     def with_settings(
         self,
         test: Optional[TestConfig] = None,
@@ -191,8 +201,18 @@ class WindowDetector(nn.Module):
                     f"fast_head {have_fast!r}; ask the float32 detector for {want} / "
                     f"{test.fast_head!r}"
                 )
-            head = copy.deepcopy(self.head).compress(*want) if want != (0, 0) else self.head
-            out.head = build_fast_head(head, test.fast_head)
+            head = self.head
+            if want != (0, 0):
+                stats = None
+                if test.svd_method == "responses":
+                    check_head_stats(self.head_stats, *want)
+                    stats = self.head_stats
+                elif test.svd_method != "weights":
+                    raise ValueError(
+                        f"svd_method must be 'weights' or 'responses', got {test.svd_method!r}"
+                    )
+                head = copy.deepcopy(self.head).compress(*want, stats=stats)
+            out.head = build_fast_head(out.configure_test_head(head), test.fast_head)
         if test.fast_conv != getattr(self.backbone, "fast_conv", "off"):
             if getattr(self.backbone, "fast_conv", "off") != "off":
                 raise ValueError("ask the detector with the original backbone for fast_conv")
@@ -303,6 +323,7 @@ class WindowDetector(nn.Module):
             "bbox_regressor": (
                 None if self.bbox_regressor is None else self.bbox_regressor.state_dict()
             ),
+            "head_stats": self.head_stats,
         }
 
     def save(self, path: Union[str, Path]) -> Path:

@@ -53,6 +53,7 @@ def detector_from_state(state: dict) -> WindowDetector:
         detector.svms = LinearSVMs.from_state_dict(state["svms"])
     if state.get("bbox_regressor") is not None:
         detector.bbox_regressor = BoxRegressor.from_state_dict(state["bbox_regressor"])
+    detector.head_stats = state.get("head_stats")
     return detector
 
 

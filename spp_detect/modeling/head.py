@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .lowrank import response_lowrank_linear
 
 __all__ = ["FCHead", "truncated_svd_linear", "load_imagenet_fc"]
 
@@ -83,13 +85,24 @@ class FCHead(nn.Module):
         nn.init.normal_(self.cls_score.weight, std=init_std)
         nn.init.zeros_(self.cls_score.bias)
 
-    def compress(self, fc6_rank: int, fc7_rank: int) -> "FCHead":
-        """Truncated SVD of fc6 and fc7 in place (``0`` leaves a layer as it is); for testing a
-        trained head faster (Fast R-CNN: ranks 1024 and 256 for 4096-wide layers)."""
-        if fc6_rank:
-            self.fc6 = truncated_svd_linear(self.fc6, fc6_rank)
-        if fc7_rank:
-            self.fc7 = truncated_svd_linear(self.fc7, fc7_rank)
+    def compress(
+        self, fc6_rank: int, fc7_rank: int, stats: Optional[Dict[str, Any]] = None
+    ) -> "FCHead":
+        """fc6 and fc7 as two low-rank layers each, in place (``0`` leaves a layer as it is);
+        for testing a trained head faster.
+
+        Without ``stats``: truncated SVD of the weights (Fast R-CNN: ranks 1024 and 256 for
+        4096-wide layers). With ``stats`` (``WindowDetector.head_stats``): the top principal
+        directions of each layer's responses on training windows (``lowrank.py``).
+        """
+        for name, rank in (("fc6", fc6_rank), ("fc7", fc7_rank)):
+            if not rank:
+                continue
+            layer = getattr(self, name)
+            if stats is None:
+                setattr(self, name, truncated_svd_linear(layer, rank))
+            else:
+                setattr(self, name, response_lowrank_linear(layer, stats[name], rank))
         self.svd_ranks = (int(fc6_rank), int(fc7_rank))
         return self
 
