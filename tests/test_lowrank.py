@@ -139,3 +139,29 @@ def test_detector_responses_option_needs_stats_survives_saving_and_detects(tmp_p
     torch.testing.assert_close(got.boxes, ref.boxes, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="svd_method"):
         det.with_settings(svd_fc6=2, svd_method="pca")
+
+
+def test_speed_report_fast_method_is_low_rank_for_both_methods_or_for_neither():
+    """spp-1scale-fast and R-CNN get the same options: low-rank fc from responses where the
+    SPP-net model has statistics (untrained heads get random ones, timing only), for neither
+    where it has none."""
+    from spp_detect.benchmark.variants import build_method_detectors
+    from spp_detect.config import DetectorConfig, ModelConfig
+
+    cfg = DetectorConfig(model=ModelConfig(backbone="zf5", scales=(64,), hidden=64))
+    methods = ["spp-1scale", "spp-1scale-fast", "rcnn"]
+    dets, info = build_method_detectors(
+        methods, ["a", "b"], cfg, torch.device("cpu"), weights="none"
+    )
+    for m in ("spp-1scale-fast", "rcnn"):
+        opts = info[m]["test_options"]
+        assert opts["svd_ranks"] == [4, 4] and opts["svd_method"] == "responses", m
+        assert [lin.out_features for lin in dets[m].head.fc6] == [4, 64]
+    assert info["spp-1scale"]["test_options"]["svd_ranks"] == [0, 0]
+
+    model = dets["spp-1scale"]
+    model.head_stats = None
+    dets, info = build_method_detectors(methods, ["a", "b"], cfg, torch.device("cpu"), model=model)
+    assert info["spp-1scale-fast"]["test_options"]["svd_ranks"] == [0, 0]
+    assert info["rcnn"]["test_options"]["svd_ranks"] == [0, 0]
+    assert info["rcnn"]["test_options"]["fast_head"] == "bf16"

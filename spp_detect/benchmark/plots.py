@@ -137,7 +137,12 @@ def describe_test_options(opts: Mapping[str, Any]) -> str:
     parts = []
     ranks = list(opts.get("svd_ranks") or [0, 0])
     if any(ranks):
-        parts.append(f"fc6/fc7 truncated SVD ranks {ranks[0]}/{ranks[1]}")
+        how = (
+            "low rank from their responses"
+            if opts.get("svd_method") == "responses"
+            else "truncated SVD"
+        )
+        parts.append(f"fc6/fc7 {how} ranks {ranks[0]}/{ranks[1]}")
     if opts.get("fast_head", "off") != "off":
         parts.append(f"fc6/fc7 in {opts['fast_head']}")
     if opts.get("fast_conv", "off") != "off":

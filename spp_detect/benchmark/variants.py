@@ -63,10 +63,14 @@ WeightsArg = Union[str, bool, os.PathLike]
 
 @dataclass(frozen=True)
 class FastOptions:
-    # Truncated SVD of fc6/fc7 at Fast R-CNN's proportions (SVD_FRACTIONS). Off: it needs fc
-    # layers with a decaying spectrum (ImageNet-trained ones); on a head fine-tuned from random
-    # init the rank-1024/256 cut lost nearly all the toy mAP (72.2 -> 1.3, docs/speed.md).
-    svd: bool = False
+    # Low-rank fc6/fc7 (test.svd_fc6/svd_fc7) at ranks hidden // svd_fractions.
+    svd: bool = True
+    # test.svd_method: "responses" (the principal directions of each layer's responses on
+    # training windows, modeling/lowrank.py) keeps the toy mAP where the weight SVD ("weights",
+    # Fast R-CNN) of our randomly initialised fc layers lost nearly all of it (72.2 -> 1.3).
+    svd_method: str = "responses"
+    # Ranks as fractions of the head's width: fc6 and fc7 to hidden // 16 (256 of 4096).
+    svd_fractions: Tuple[int, int] = (16, 16)
     # test.fast_head: fc6/fc7 arithmetic ("off", "bf16", "int8"; modeling/fast_head.py).
     fast_head: str = "bf16"
     # test.fast_conv: conv pass ("off", "channels_last", "bf16"; modeling/fast_conv.py).
@@ -82,8 +86,33 @@ def fast_settings(detector: WindowDetector, options: FastOptions = FAST_OPTIONS)
     """``with_settings`` keyword arguments for ``options`` on ``detector``'s head width."""
     h = detector.head.hidden
     out: Dict[str, Any] = {"fast_head": options.fast_head, "fast_conv": options.fast_conv}
-    if options.svd:
-        out.update(svd_fc6=max(1, h // SVD_FRACTIONS[0]), svd_fc7=max(1, h // SVD_FRACTIONS[1]))
+    if options.svd and options.svd_method == "responses" and detector.head_stats is None:
+        logger.warning(
+            "%s model without fc response statistics (trained before they were saved): "
+            "its fast head is not low-rank",
+            detector.method,
+        )
+    elif options.svd:
+        f6, f7 = options.svd_fractions
+        out.update(svd_fc6=max(1, h // f6), svd_fc7=max(1, h // f7), svd_method=options.svd_method)
+    return out
+
+
+def untrained_head_stats(hidden: int, rank: int, seed: int = 0) -> Dict[str, Any]:
+    """Response statistics for an untrained head (timing only): random orthonormal directions
+    of the shapes training saves (``training/head_stats.py``)."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = min(rank, hidden - 1)
+    out: Dict[str, Any] = {"windows": 0}
+    for name in ("fc6", "fc7"):
+        basis, _ = torch.linalg.qr(torch.randn(hidden, rank, generator=gen))
+        out[name] = {
+            "mean": torch.zeros(hidden),
+            "basis": basis.contiguous(),
+            "eigenvalues": torch.linspace(1.0, 0.0, rank),
+            "total_variance": 1.0,
+            "count": 0,
+        }
     return out
 
 
@@ -109,6 +138,7 @@ def attach_untrained_heads(detector: WindowDetector, seed: int = 0) -> WindowDet
     reg.trained = torch.ones(k, dtype=torch.bool)
     detector.svms = svms.to(detector.device)
     detector.bbox_regressor = reg.to(detector.device)
+    detector.head_stats = untrained_head_stats(hidden, hidden // min(FAST_OPTIONS.svd_fractions))
     return detector
 
 
@@ -217,6 +247,7 @@ def describe_method(method: str, detector: WindowDetector) -> Dict[str, Any]:
     # The test-time speed options this method ran with (all "off"/0: float32 as trained).
     info["test_options"] = {
         "svd_ranks": [test.svd_fc6, test.svd_fc7],
+        "svd_method": test.svd_method,
         "fast_head": test.fast_head,
         "fast_conv": test.fast_conv,
     }
@@ -292,7 +323,12 @@ def build_method_detectors(
         if rcnn_fast not in ("auto", "on", "off"):
             raise ValueError(f"rcnn_fast must be auto, on or off, got {rcnn_fast!r}")
         if rcnn_fast == "on" or (rcnn_fast == "auto" and "spp-1scale-fast" in methods):
-            out["rcnn"] = out["rcnn"].with_settings(**fast_settings(out["rcnn"], fast))
+            rcnn_opts = fast_settings(out["rcnn"], fast)
+            spp_fast = out.get("spp-1scale-fast")
+            if spp_fast is not None and not spp_fast.config.test.svd_fc6:
+                # Like with like: no low-rank fc for R-CNN when SPP-net's model had none.
+                rcnn_opts = {k: v for k, v in rcnn_opts.items() if not k.startswith("svd")}
+            out["rcnn"] = out["rcnn"].with_settings(**rcnn_opts)
     for m, det in out.items():
         info[m].update(describe_method(m, det))
     return {m: out[m] for m in methods}, {m: info[m] for m in methods}
