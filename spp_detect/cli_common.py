@@ -218,19 +218,15 @@ def train_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     device = distributed.local_device(args.device)
     cache_dir = args.cache_dir if args.cache_dir is not None else args.output / "cache"
     if distributed.is_distributed():
-        # Under torchrun the ranks fill the proposal and feature caches by shards; rank 0
-        # then trains alone on the filled caches and writes model.pt (fine-tuning and SVMs
-        # are not divided among ranks yet).
+        # Under torchrun the ranks fill the proposal and feature caches by shards, then all
+        # train together: DDP fine-tuning, SVMs and regressors divided by class; rank 0
+        # writes model.pt (training/train.py).
         from spp_detect.training.shared_caches import fill_caches_by_rank
 
         fill_caches_by_rank(
             dataset, config, args.method, cache_dir, device=device,
             pretrained=_pretrained(args.weights), proposals_file=args.proposals_file,
         )  # fmt: skip
-        is_main = distributed.is_main_process()
-        distributed.end_process_group()
-        if not is_main:
-            return {}
     return train_detector(
         dataset,
         args.output,

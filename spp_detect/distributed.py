@@ -36,11 +36,14 @@ __all__ = [
     "all_ranks_ok",
     "all_gather",
     "barrier",
+    "broadcast",
+    "broadcast_module",
     "end_process_group",
     "gather",
     "is_distributed",
     "is_main_process",
     "local_device",
+    "local_world_size",
     "process_group",
     "rank",
     "shard",
@@ -80,6 +83,13 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def local_world_size() -> int:
+    """Ranks on this machine (torchrun's ``LOCAL_WORLD_SIZE``); 1 without a process group."""
+    if not is_distributed():
+        return 1
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def _timeout() -> datetime.timedelta:
@@ -183,6 +193,29 @@ def gather(obj: Any, dst: int = 0) -> Optional[List[Any]]:
     out: Optional[List[Any]] = [None] * world_size() if rank() == dst else None
     dist.gather_object(obj, out, dst=dst, group=_object_group)
     return out
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (what the others pass is ignored); ``obj``
+    itself in one process."""
+    if not is_distributed():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=_object_group)
+    return box[0]
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank, in place.
+
+    Tensors go through the default group (NCCL moves them GPU to GPU), so a large head needs no
+    pickling and no shared file system. Nothing happens in one process.
+    """
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=src)
 
 
 def all_gather(obj: Any) -> List[Any]:

@@ -258,3 +258,44 @@ def test_trainer_caps_samples_per_image_and_handles_no_ground_truth():
         trainer.add_image(feats, windows, gt[:0], torch.tensor([], dtype=torch.long)).numel() == 0
     )
     assert BoxRegressionTrainer().fit(3) is None
+
+
+def test_trainer_of_a_class_subset_keeps_and_fits_each_class_as_the_full_trainer():
+    """torchrun divides the classes among ranks: a class's samples (per-image cap, reservoir)
+    and its fitted row must not depend on which other classes the trainer handles."""
+    g = torch.Generator().manual_seed(13)
+    images = []
+    for _ in range(8):
+        gt = random_boxes(3, g, dtype=torch.float32, min_size=30.0)
+        labels = torch.tensor([0, 1, 2])
+        windows = gt.repeat(12, 1) + torch.randn(36, 4, generator=g) * 3
+        windows[:, 2:] = torch.maximum(windows[:, 2:], windows[:, :2] + 1)
+        images.append((torch.randn(36, 6, generator=g), windows, gt, labels))
+
+    def trainer(classes):
+        t = BoxRegressionTrainer(max_per_image=20, max_samples=25, seed=5, classes=classes)
+        for image in images:
+            t.add_image(*image)
+        return t
+
+    full = trainer(None)
+    ref = full.fit(3, feature_scale=0.5, min_samples=5)
+    # Both caps bind: fewer than the offered windows are kept for every class.
+    assert all(full.offered(c) > full.class_samples(c) == 25 for c in range(3))
+    for classes in ([1], [0, 2]):
+        part = trainer(classes)
+        reg = part.fit(3, feature_scale=0.5, min_samples=5)
+        for c in range(3):
+            if c in classes:
+                for store in ("_features", "_boxes", "_gt"):
+                    assert torch.equal(
+                        torch.cat(getattr(part, store)[c]), torch.cat(getattr(full, store)[c])
+                    ), (classes, c, store)
+                assert bool(reg.trained[c])
+                for name in ("weight", "target_mean", "target_transform"):
+                    assert torch.equal(getattr(reg, name)[c], getattr(ref, name)[c]), (c, name)
+            else:  # not gathered, not fitted: the identity
+                assert part.offered(c) == 0 and not bool(reg.trained[c])
+                assert float(reg.weight[c].abs().sum()) == 0
+                assert torch.equal(reg.target_transform[c], torch.eye(4))
+        assert reg.feature_scale == ref.feature_scale

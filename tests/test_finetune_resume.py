@@ -19,7 +19,8 @@ SETUP = textwrap.dedent(
     from spp_detect.config import FinetuneConfig
     from spp_detect.datasets.records import ImageRecord
     from spp_detect.modeling.head import FCHead
-    from spp_detect.training.finetune import FinetuneCheckpoint, finetune_head
+    from spp_detect.training.finetune import finetune_head
+    from spp_detect.training.finetune_checkpoint import FinetuneCheckpoint
 
     class Source:
         # Deterministic features: classes are separable, with noise fixed per window.
@@ -71,7 +72,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     ckpt = tmp_path / "ft.ckpt.pt"
     script = tmp_path / "child.py"
     script.write_text(SETUP + f"\nrun({str(ckpt)!r}, delay=0.01)\n")
-    child = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    child = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -469,7 +469,8 @@ def test_killed_svm_stage_resumes_to_the_uninterrupted_result(tmp_path):
     ckpt = tmp_path / "svm.ckpt.pt"
     script = tmp_path / "child.py"
     script.write_text(RESUME_SETUP + f"\nrun({str(ckpt)!r}, delay=0.05)\n")
-    child = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    child = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and child.poll() is None:
@@ -506,3 +507,79 @@ def test_svm_checkpoint_of_other_inputs_is_ignored(tmp_path):
     save_file({"key": "another head", "next_image": 11}, ckpt)
     svms, _, stats = ns["run"](ckpt)
     assert stats["resumed_at_image"] == 0 and bool(svms.trained.all())
+
+
+# -- a subset of the classes (torchrun divides them among ranks) ----------------------------------
+
+
+def _mining_images(ns):
+    """RESUME_SETUP's images as miner input: its features stand in for fc7; windows near each
+    ground truth overlap one another, so the 0.7 dedup has work to do."""
+    from spp_detect.training.svm_bbox import class_ious
+
+    out = []
+    for i, im in enumerate(ns["IMAGES"]):
+        feats = ns["Source"]().rows(i, torch.arange(ns["R"]))
+        is_gt = torch.zeros(ns["R"], dtype=torch.bool)
+        is_gt[:2] = True
+        ious = class_ious(im.windows, im.gt_boxes, im.gt_labels, ns["K"])
+        out.append(MiningImage(feats, ious, is_gt, im.gt_labels, im.windows))
+    return out
+
+
+def _run_miner(images, k, classes):
+    svms = LinearSVMs(k)
+    svms.set_feature_scale(torch.cat([im.features for im in images[:4]]))
+    miner = HardNegativeMiner(svms, retrain_limit=25, max_cached_negatives=40, classes=classes)
+    capped, keep_hardest = [], miner._keep_hardest
+    miner._keep_hardest = lambda c: (capped.append(c), keep_hardest(c))
+    for im in images:
+        miner.add_image(*im)
+    return miner, miner.finish(), capped
+
+
+def test_miner_of_a_class_subset_gives_those_classes_exactly_the_full_models():
+    ns = _resume_namespace()
+    images = _mining_images(ns)
+    k = ns["K"]
+    full_miner, full, capped = _run_miner(images, k, None)
+    # The schedule is not trivial: every class retrained more than its first and final time,
+    # and caches reached their cap.
+    retrains = [sum(h["cls"] == c for h in full_miner.history) for c in range(k)]
+    assert min(retrains) >= 3 and bool(full.trained.all()) and len(set(capped)) >= 2
+    for classes in ([1], [0, 2], [2]):
+        miner, part, part_capped = _run_miner(images, k, classes)
+        assert part_capped == [c for c in capped if c in classes]
+        assert [h["cls"] for h in miner.history] == [
+            h["cls"] for h in full_miner.history if h["cls"] in classes
+        ]
+        for c in range(k):
+            if c in classes:
+                assert torch.equal(part.weight[c], full.weight[c]), (classes, c)
+                assert part.bias[c] == full.bias[c] and bool(part.trained[c])
+                assert torch.equal(miner.cached_keys(c), full_miner.cached_keys(c))
+            else:  # skipped entirely
+                assert not bool(part.trained[c]) and miner.cache_size(c) == 0
+                assert miner.num_positives(c) == 0 and float(part.weight[c].abs().sum()) == 0
+    with pytest.raises(ValueError, match="classes"):
+        HardNegativeMiner(LinearSVMs(2), classes=[2])
+
+
+def test_class_parts_merge_to_the_one_process_svms_and_regressors():
+    from spp_detect.training.svm_bbox import merge_class_parts, train_class_subset
+
+    ns = _resume_namespace()
+    ref_svms, ref_reg, ref_stats = ns["run"](None)
+    cfg, k = ns["CFG"], ns["K"]
+    for shards in ([[0, 1], [2]], [[0], [1], [2]]):
+        parts = [
+            train_class_subset(ns["Det"](), ns["Source"](), ns["IMAGES"], cfg, classes)[0]
+            for classes in shards
+        ]
+        svms, reg, stats = merge_class_parts(parts, k, cfg.svm.feature_norm)
+        for name, value in ref_svms.state_dict().items():
+            assert torch.equal(value, svms.state_dict()[name]), (shards, name)
+        for name, value in ref_reg.state_dict().items():
+            assert torch.equal(value, reg.state_dict()[name]), (shards, name)
+        for key in ("svm_cache_sizes", "svm_trained", "bbox_samples"):
+            assert stats[key] == ref_stats[key], key

@@ -6,8 +6,9 @@
         [--method spp|rcnn] [--backbone efficientnet_lite0] [--scales 688] [--device cpu|cuda] \
         [--config FILE] [KEY=VALUE ...]
 
-Under ``torchrun --nproc-per-node K`` the ranks fill the proposal and feature caches by shards
-and rank 0 trains (README, "Several processes and machines").
+Under ``torchrun --nproc-per-node K`` the ranks fill the proposal and feature caches by shards,
+fine-tune with DDP and divide the SVM and regressor classes; rank 0 writes model.pt (README,
+"Several processes and machines").
 """
 
 from __future__ import annotations

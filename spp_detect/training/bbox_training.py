@@ -4,8 +4,9 @@ fitting them (``bbox_fit.fit_box_regressor``: R-CNN's per-class ridge regression
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
@@ -27,6 +28,10 @@ class BoxRegressionTrainer:
     set, a uniform sample of every window the class was offered (reservoir sampling, Vitter's
     algorithm R: the t-th window replaces a random kept one with probability cap / t). Below
     both caps every window is kept, per class in image order, and the fit is the uncapped one.
+    The per-image draw has one generator (seeded by ``seed``) and sees every class; each
+    class's reservoir has its own (seeded by ``(seed, class)``), so a class's samples and fit
+    never depend on which other classes a process handles (``classes``, as torchrun divides
+    them).
 
     Args:
         iou_thresh: a window is a sample when its highest IoU with a ground truth is above this
@@ -34,9 +39,10 @@ class BoxRegressionTrainer:
         lambda_: ridge weight (``BBoxRegConfig.lambda_``).
         max_per_image: at most this many samples per image (0: no cap).
         max_samples: at most this many samples per class (0: no cap).
-        seed: seed of both draws.
+        seed: seed of the draws.
         store_dtype: the samples' features are kept on the CPU in this dtype (float16 halves
             the memory of thousands of 12,800-D windows).
+        classes: gather and fit only these classes (None: all); the others are skipped.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class BoxRegressionTrainer:
         max_samples: int = 0,
         seed: int = 0,
         store_dtype: torch.dtype = torch.float16,
+        classes: Optional[Sequence[int]] = None,
     ) -> None:
         if lambda_ <= 0:
             raise ValueError(f"BoxRegressionTrainer: lambda_ must be positive, got {lambda_}")
@@ -60,7 +67,10 @@ class BoxRegressionTrainer:
         self.max_per_image = int(max_per_image)
         self.max_samples = int(max_samples)
         self.store_dtype = store_dtype
-        self._generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.classes = None if classes is None else sorted({int(c) for c in classes})
+        self._generator = torch.Generator().manual_seed(self.seed)  # the per-image cap
+        self._class_generators: Dict[int, torch.Generator] = {}  # the reservoirs
         # Per class: chunks of (features, windows, matched ground truths), in arrival order,
         # and how many windows the class was offered (the reservoir's t).
         self._features: Dict[int, List[Tensor]] = {}
@@ -104,7 +114,7 @@ class BoxRegressionTrainer:
             gt_boxes (Tensor[G, 4]), gt_labels (LongTensor[G]): the image's ground truths.
         Returns:
             LongTensor: indices of the windows offered after the per-image cap (sorted unless
-            subsampled); the per-class cap may drop some of them later.
+            subsampled; of ``classes`` only); the per-class cap may drop some of them later.
         """
         check_boxes(windows, "windows")
         if features.shape[0] != windows.shape[0]:
@@ -120,8 +130,11 @@ class BoxRegressionTrainer:
         if 0 < self.max_per_image < sel.numel():
             pick = torch.randperm(sel.numel(), generator=self._generator)[: self.max_per_image]
             sel = sel[pick]
-        feats = features[sel.to(features.device)].to("cpu", self.store_dtype)
         labels = gt_labels.cpu()[match[sel]]
+        if self.classes is not None:
+            mine = torch.isin(labels, torch.tensor(self.classes, dtype=labels.dtype))
+            sel, labels = sel[mine], labels[mine]
+        feats = features[sel.to(features.device)].to("cpu", self.store_dtype)
         for c in torch.unique(labels).tolist():  # ascending: a fixed order of the draws
             rows = torch.nonzero(labels == c).flatten()
             self._offer(c, feats[rows], windows[sel[rows]], gt_boxes[match[sel[rows]]])
@@ -147,7 +160,7 @@ class BoxRegressionTrainer:
         for store in (self._features, self._boxes, self._gt):
             store[c] = [torch.cat(store[c])]
         t = torch.arange(seen + room + 1, seen + feats.shape[0] + 1, dtype=torch.float64)
-        u = torch.rand(extra, generator=self._generator, dtype=torch.float64)
+        u = torch.rand(extra, generator=self._class_generator(c), dtype=torch.float64)
         slots = (u * t).floor().long().tolist()
         last = {}
         for i, j in enumerate(slots):
@@ -159,6 +172,12 @@ class BoxRegressionTrainer:
             self._features[c][0][slot] = feats[src]
             self._boxes[c][0][slot] = boxes[src]
             self._gt[c][0][slot] = gt[src]
+
+    def _class_generator(self, c: int) -> torch.Generator:
+        if c not in self._class_generators:
+            seed = np.random.SeedSequence([self.seed, c]).generate_state(1, np.uint64)[0]
+            self._class_generators[c] = torch.Generator().manual_seed(int(seed >> np.uint64(1)))
+        return self._class_generators[c]
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -175,6 +194,7 @@ class BoxRegressionTrainer:
             "gt": [self._gt[c][0] if self._gt[c] else None for c in classes],
             "seen": [self._seen[c] for c in classes],
             "generator": self._generator.get_state(),
+            "class_generators": {c: g.get_state() for c, g in self._class_generators.items()},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -187,12 +207,17 @@ class BoxRegressionTrainer:
                 store[c] = [] if t is None else [t]
             self._seen[c] = int(state["seen"][i])
         self._generator.set_state(state["generator"])
+        self._class_generators = {}
+        for c, g_state in state["class_generators"].items():
+            self._class_generator(int(c)).set_state(g_state)
 
     def fit(
         self, num_classes: int, feature_scale: Optional[float] = None, **kwargs
     ) -> Optional[BoxRegressor]:
         """The regressors fitted on every sample kept (``fit_box_regressor``; keywords go to
         it), or None when there is no sample (a detector without regressor keeps its windows).
+        With ``classes``, only those are fitted; the others keep the identity (untrained), as a
+        class without samples does in the full fit.
         """
         if self.num_samples == 0:
             logger.warning("box regression: no training windows; no regressor trained")
@@ -202,20 +227,35 @@ class BoxRegressionTrainer:
             if self.offered(c) > self.class_samples(c):
                 logger.info(
                     "box regression: class %d keeps a uniform sample of %d of its %d windows",
-                    c,
-                    self.class_samples(c),
-                    self.offered(c),
+                    *(c, self.class_samples(c), self.offered(c)),
                 )
-        labels = [torch.full((self.class_samples(c),), c, dtype=torch.long) for c in classes]
+        fitted = list(range(num_classes)) if self.classes is None else self.classes
+        index = {c: i for i, c in enumerate(fitted)}  # class -> row of the fit
+        labels = [torch.full((self.class_samples(c),), index[c]) for c in classes]
         # Features stay in their storage dtype: the fit converts one class at a time to float64.
-        return fit_box_regressor(
+        part = fit_box_regressor(
             torch.cat([t for c in classes for t in self._features[c]]),
             torch.cat([t for c in classes for t in self._boxes[c]]),
             torch.cat([t for c in classes for t in self._gt[c]]),
             torch.cat(labels),
-            num_classes,
+            len(fitted),
             lambda_=self.lambda_,
             iou_thresh=self.iou_thresh,
             feature_scale=feature_scale,
             **kwargs,
         )
+        return part if self.classes is None else _expand(part, fitted, num_classes)
+
+
+def _expand(part: BoxRegressor, classes: Sequence[int], num_classes: int) -> BoxRegressor:
+    """A K-class regressor whose rows ``classes`` are ``part``'s (in order) and whose other
+    rows are untrained (zero weights, identity target transform)."""
+    full = BoxRegressor(num_classes, tuple(part.delta_weights.tolist())).to(part.weight.device)
+    state = full.state_dict()
+    state["weight"] = part.weight.new_zeros(num_classes, *part.weight.shape[1:])
+    state["feature_scale"] = part.feature_scale.clone()
+    idx = torch.tensor(list(classes), dtype=torch.long, device=part.weight.device)
+    for name in ("weight", "target_mean", "target_transform", "trained"):
+        state[name][idx] = getattr(part, name)
+    full.load_state_dict(state)
+    return full

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,12 +23,17 @@ from tqdm import tqdm
 from spp_detect.config import FinetuneConfig
 from spp_detect.datasets.records import ImageRecord
 from spp_detect.datasets.sampling import BACKGROUND, label_windows
-from spp_detect.serialization import load_keyed, save_file
+from spp_detect import distributed as dist
+from spp_detect.training.finetune_checkpoint import (
+    FinetuneCheckpoint,
+    rank_seed,
+    rank_state,
+    restore_rank_state,
+)
 
 __all__ = [
     "TrainingImage",
     "WindowPool",
-    "FinetuneCheckpoint",
     "make_training_images",
     "finetune_head",
     "num_iterations",
@@ -163,48 +167,18 @@ class WindowPool:
 
 
 def _set_input_scale(head, source, images: Sequence[TrainingImage]) -> None:
-    usable = [i for i, im in enumerate(images) if bool((im.labels >= 0).any())]
-    sample = torch.cat(
-        [
+    """The fc6 input scale from the first images' windows, measured on rank 0 and broadcast
+    (every rank holds the same float32 value)."""
+    scale = None
+    if dist.is_main_process():
+        usable = [i for i, im in enumerate(images) if bool((im.labels >= 0).any())]
+        rows = [
             source.rows(i, torch.arange(min(64, images[i].windows.shape[0])))
             for i in usable[:_INPUT_SCALE_IMAGES]
         ]
-    )
-    logger.info("fc6 input scale %.4g", head.set_input_scale(sample))
-
-
-class FinetuneCheckpoint:
-    """Everything fine-tuning needs to continue after a kill: head, optimizer, scheduler,
-    iteration, both RNGs, the torch global RNG (dropout) and the log so far (detectron2 /
-    fvcore ``PeriodicCheckpointer``). Written atomically at a pool boundary (so no drawn
-    mini-batch is lost) once ``every_seconds`` have passed since the last write.
-
-    Args:
-        path: the checkpoint file (``None``: no checkpoints).
-        key: what the run depends on (``train.py``'s fine-tuning key); a file with another
-            key is ignored.
-        every_seconds: minimum time between writes (0: at every pool boundary).
-    """
-
-    def __init__(self, path: Optional[Path], key: str, every_seconds: float = 300.0) -> None:
-        self.path, self.key, self.every = path, key, float(every_seconds)
-        self._last = time.monotonic()
-
-    def load(self) -> Optional[Dict[str, Any]]:
-        if self.path is None:
-            return None
-        return load_keyed(self.path, self.key, what="fine-tuning checkpoint")
-
-    def maybe_save(self, state_fn, at_boundary: bool) -> None:
-        if self.path is None or not at_boundary:
-            return
-        if time.monotonic() - self._last >= self.every:
-            save_file(dict(state_fn(), key=self.key), self.path)
-            self._last = time.monotonic()
-
-
-def _rng_state(rng: np.random.Generator) -> Dict[str, Any]:
-    return rng.bit_generator.state
+        scale = head.set_input_scale(torch.cat(rows))
+    head.input_scale.fill_(dist.broadcast(scale))
+    logger.info("fc6 input scale %.4g", float(head.input_scale))
 
 
 def finetune_head(
@@ -219,6 +193,13 @@ def finetune_head(
     the whole training set (``WindowPool``); lr steps by ``lr_step_factor`` after
     ``step_fraction`` of the iterations (sec. 4.1: 1e-4 for 250k, then 1e-5 for 50k).
 
+    Under torchrun (K ranks): data-parallel SGD with ``DistributedDataParallel``. Each rank
+    draws its own mini-batches from the whole training set (``WindowPool`` and dropout seeded
+    by ``(seed, rank)``; rank 0 by one process's seed) and DDP averages the gradients: an
+    effective batch of K x 128 windows at the configured lr (not scaled with K), for the same
+    number of iterations. The fc6 input scale is measured on rank 0 and broadcast; head,
+    optimizer and scheduler stay identical on every rank; the log covers every rank's windows.
+
     Args:
         detector: a ``WindowDetector``; only ``detector.head`` is trained.
         source: training window features, prepared on ``images``.
@@ -226,83 +207,102 @@ def finetune_head(
         set_input_scale: set the fc6 input scale from the data (fc6/fc7 from random init);
             False keeps the one that came with pretrained or distilled fc6/fc7.
         checkpoint: periodic checkpoints; a run killed at any point and started again with
-            the same inputs ends with the same head as an uninterrupted one.
+            the same inputs and number of ranks ends with the head of an uninterrupted one.
     Returns:
         The log: one dict per logged interval (iteration, lr, loss, accuracy, seconds).
     """
     # The schedule follows the dataset, not its mirror images (SPP_net: 300k on VOC07 trainval).
     iterations = num_iterations(cfg, sum(not im.record.flipped for im in images))
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    seed = rank_seed(cfg.seed, dist.rank())
+    if dist.rank() > 0:
+        torch.manual_seed(seed)  # dropout masks of its own (rank 0: one process's stream)
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     pool = WindowPool(images, source, cfg, rng, gen)
-    head = detector.head
-    opt = torch.optim.SGD(
-        head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    step_at = int(iterations * cfg.step_fraction)
-    milestones = [step_at] if 0 < step_at < iterations else []
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.lr_step_factor)
+    head, device = detector.head, detector.device
+    opt, sched = _optimizer(head, cfg, iterations)
     if set_input_scale:
         _set_input_scale(head, source, images)
     saved = checkpoint.load() if checkpoint is not None else None
     run = _Run(log=[], totals=np.zeros(3), start=0)
     if saved is not None:
-        run = _restore(saved, head, opt, sched, rng, gen)
+        run = _restore(saved, head, opt, sched, rng, gen, device)
         logger.info("fine-tuning: resuming at iteration %d from %s", run.start, checkpoint.path)
 
-    def state() -> Dict[str, Any]:
+    def shared_state() -> Dict[str, Any]:
         return {
             "iteration": it + 1,
             "head": head.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "rng": _rng_state(rng),
-            "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
             "log": run.log,
-            "totals": run.totals.tolist(),
         }
 
+    model = _data_parallel(head, device)
     head.train()
     t0 = time.perf_counter()
-    log_every = max(1, iterations // 20)
-    pool_size = max(1, cfg.pool_batches)
+    log_every, pool_size = max(1, iterations // 20), max(1, cfg.pool_batches)
     batches = pool.batches()
     bar = tqdm(
-        range(run.start, iterations), desc="fine-tune fc6/fc7/cls_score", unit="it", leave=False
-    )
+        range(run.start, iterations), desc="fine-tune fc6/fc7/cls_score", unit="it",
+        leave=False, disable=not dist.is_main_process(),
+    )  # fmt: skip
     for it in bar:
         x, y = next(batches)
         lr = opt.param_groups[0]["lr"]
-        _sgd_step(head, opt, sched, x.to(detector.device), y.to(detector.device), run.totals)
+        _sgd_step(model, opt, sched, x.to(device), y.to(device), run.totals)
         if (it + 1) % log_every == 0 or it + 1 == iterations:
             _log_interval(run, it + 1, iterations, lr, time.perf_counter() - t0, bar)
         if checkpoint is not None:
-            checkpoint.maybe_save(state, at_boundary=(it + 1 - run.start) % pool_size == 0)
+            checkpoint.maybe_save(
+                shared_state,
+                lambda: rank_state(rng, gen, run.totals, device),
+                at_boundary=(it + 1 - run.start) % pool_size == 0,
+            )
+    del model  # DDP's gradient hooks go with it
     head.eval()
     return run.log
+
+
+def _optimizer(head, cfg: FinetuneConfig, iterations: int):
+    """SGD with momentum and weight decay, and its one lr step (sec. 4.1)."""
+    opt = torch.optim.SGD(
+        head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    step_at = int(iterations * cfg.step_fraction)
+    milestones = [step_at] if 0 < step_at < iterations else []
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.lr_step_factor)
+
+
+def _data_parallel(head: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``head`` wrapped in ``DistributedDataParallel`` under torchrun (its construction copies
+    rank 0's parameters and buffers to every rank), ``head`` itself in one process."""
+    if not dist.is_distributed():
+        return head
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if torch.device(device).type == "cuda" else None
+    # Buffers (the fc6 input scale) are equal on every rank and never change while training.
+    return DistributedDataParallel(head, device_ids=ids, broadcast_buffers=False)
 
 
 @dataclass
 class _Run:
     log: List[Dict[str, float]]
-    totals: np.ndarray  # since the last log entry: loss * n, correct, n
+    totals: np.ndarray  # this rank's, since the last log entry: loss * n, correct, n
     start: int
 
 
-def _restore(saved: Dict[str, Any], head, opt, sched, rng, gen) -> "_Run":
-    """Put a checkpoint's head, optimizer, scheduler and RNG states back; returns the run."""
+def _restore(saved: Dict[str, Any], head, opt, sched, rng, gen, device) -> "_Run":
+    """Put a checkpoint's head, optimizer, scheduler and this rank's RNG states back."""
     head.load_state_dict(saved["head"])
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
-    rng.bit_generator.state = saved["rng"]
-    gen.set_state(saved["generator"])
-    torch.set_rng_state(saved["torch_rng"])
-    return _Run(log=list(saved["log"]), totals=np.array(saved["totals"]), start=saved["iteration"])
+    totals = restore_rank_state(saved["ranks"][dist.rank()], rng, gen, device)
+    return _Run(log=list(saved["log"]), totals=totals, start=saved["iteration"])
 
 
-def _sgd_step(head, opt, sched, x: Tensor, y: Tensor, totals: np.ndarray) -> None:
-    _, logits = head(x)
+def _sgd_step(model, opt, sched, x: Tensor, y: Tensor, totals: np.ndarray) -> None:
+    _, logits = model(x)
     loss = F.cross_entropy(logits, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -312,7 +312,7 @@ def _sgd_step(head, opt, sched, x: Tensor, y: Tensor, totals: np.ndarray) -> Non
 
 
 def _log_interval(run: _Run, iteration: int, iterations: int, lr: float, seconds: float, bar):
-    t = run.totals
+    t = np.sum(dist.all_gather(run.totals.tolist()), axis=0)  # every rank's windows
     entry = {"iteration": iteration, "lr": float(lr)}
     entry.update(loss=float(t[0] / t[2]), accuracy=float(t[1] / t[2]), seconds=float(seconds))
     run.log.append(entry)
@@ -321,4 +321,4 @@ def _log_interval(run: _Run, iteration: int, iterations: int, lr: float, seconds
         "fine-tune it %d/%d lr %.1e loss %.4f acc %.3f",
         *(iteration, iterations, lr, entry["loss"], entry["accuracy"]),
     )
-    t[:] = 0
+    run.totals[:] = 0

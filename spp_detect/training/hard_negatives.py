@@ -12,11 +12,11 @@ class is retrained once more than 2,000 new negatives joined its cache since its
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from ..modeling.svm import LinearSVMs
 from .svm_solver import SVMSolver
@@ -79,6 +79,11 @@ class HardNegativeMiner:
             the next retrain needs; the easiest would leave at that retrain anyway. Below the
             cap nothing changes.
         cache_device: where cached features live.
+        classes: train only these classes (None: all K). The others are skipped entirely (no
+            mining, no cache, no retrain; their rows of ``svms`` stay as they are), and each
+            class trained gets exactly the model the full miner gives it: every step of a
+            class depends on its own data only (the K-column scores are computed whole, so
+            even their rounding is the full miner's). ``torchrun`` divides the classes so.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class HardNegativeMiner:
         retrain_limit: int = 2000,
         max_cached_negatives: int = 0,
         cache_device: Union[str, torch.device] = "cpu",
+        classes: Optional[Sequence[int]] = None,
     ) -> None:
         if easy_thresh > hard_thresh:
             raise ValueError(
@@ -113,6 +119,11 @@ class HardNegativeMiner:
         self.retrain_limit = int(retrain_limit)
         self.cache_device = torch.device(cache_device)
         k = svms.num_classes
+        self.classes = list(range(k)) if classes is None else sorted({int(c) for c in classes})
+        if any(not 0 <= c < k for c in self.classes):
+            raise ValueError(f"classes must lie in [0, {k}), got {self.classes}")
+        self._own = torch.zeros(k, dtype=torch.bool)
+        self._own[torch.tensor(self.classes, dtype=torch.long)] = True
         self.num_images = 0
         self._pos: List[List[Tensor]] = [[] for _ in range(k)]
         self._neg: List[List[Tensor]] = [[] for _ in range(k)]
@@ -170,7 +181,8 @@ class HardNegativeMiner:
         feats = features.detach().to(self.cache_device, torch.float32)
         labels = labels.to(self.cache_device)
         for c in torch.unique(labels).tolist():
-            self._pos[c].append(feats[labels == c])
+            if self._own[c]:
+                self._pos[c].append(feats[labels == c])
 
     def _check_image(self, features, window_ious, is_gt, gt_labels, boxes) -> None:
         k = self.svms.num_classes
@@ -230,7 +242,7 @@ class HardNegativeMiner:
             if not self._positives_preloaded and bool(is_gt.any()):
                 self._add_positives(features[is_gt], gt_labels)
             added = self._mine(image_idx, features, window_ious, boxes)
-        for c in range(self.svms.num_classes):
+        for c in self.classes:
             if not self._trainable(c):
                 continue
             first_model = self._trained_at[c] < 0
@@ -245,6 +257,7 @@ class HardNegativeMiner:
         scores = self.svms.scores(features)  # [R, K]; all 0 for a class not yet trained
         ious = window_ious.to(scores.device)
         cand = (ious < self.neg_iou_thresh) & (scores > self.hard_thresh)
+        cand &= self._own.to(cand.device)
         rows, cls = torch.nonzero(cand, as_tuple=True)
         if self.dedup_negatives and rows.numel():
             rows, cls = self._dedup(rows, cls, scores[rows, cls], boxes.to(scores.device))
@@ -279,12 +292,17 @@ class HardNegativeMiner:
     ) -> Tuple[Tensor, Tensor]:
         """Greedy per-class suppression of negatives overlapping a harder one by > neg_overlap."""
         # Order by decreasing score, ties by window index (rows come sorted), then hand NMS a
-        # strictly decreasing surrogate score so the order is exactly this one.
+        # strictly decreasing surrogate score so the order is exactly this one. One NMS per
+        # class on the boxes as they are (batched_nms's coordinate offsets would round each
+        # class's boxes by an amount that depends on the other classes).
         order = torch.argsort(-scores, stable=True)
         rows, cls = rows[order], cls[order]
         surrogate = -torch.arange(rows.numel(), dtype=torch.float32, device=rows.device)
-        keep = batched_nms(boxes[rows].float(), surrogate, cls, self.neg_overlap)
-        keep = torch.sort(keep).values
+        kept = []
+        for c in torch.unique(cls).tolist():
+            idx = torch.nonzero(cls == c).flatten()
+            kept.append(idx[nms(boxes[rows[idx]].float(), surrogate[idx], self.neg_overlap)])
+        keep = torch.sort(torch.cat(kept)).values
         return rows[keep], cls[keep]
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -356,28 +374,19 @@ class HardNegativeMiner:
         logger.info(
             "SVM class %d after %d images: %d pos, %d neg, objective %.4f (pos %.4f neg %.4f "
             "reg %.4f), %d easy negatives evicted",
-            c,
-            self.num_images,
-            stats["num_pos"],
-            stats["num_neg"],
-            stats["total"],
-            stats["pos_loss"],
-            stats["neg_loss"],
-            stats["reg_loss"],
-            stats["evicted"],
+            *(c, self.num_images, stats["num_pos"], stats["num_neg"], stats["total"]),
+            *(stats["pos_loss"], stats["neg_loss"], stats["reg_loss"], stats["evicted"]),
         )
         return stats
 
     def finish(self) -> LinearSVMs:
         """The final training of every class (R-CNN: at the last image), except a class already
         trained after the last image; returns the SVMs."""
-        for c in range(self.svms.num_classes):
+        for c in self.classes:
             if not self._trainable(c):
                 logger.warning(
                     "SVM class %d: %d positives, %d negatives: not trained, never detected",
-                    c,
-                    self.num_positives(c),
-                    self.cache_size(c),
+                    *(c, self.num_positives(c), self.cache_size(c)),
                 )
                 self.svms.mark_untrained(c)
             elif self._trained_at[c] != self.num_images:

@@ -13,6 +13,11 @@ samples and their RNG, the next image) is checkpointed every ``svm.checkpoint_se
 image boundary, keyed by the fine-tuned head, the backbone, the training windows and the
 settings. A run killed at any point (``kill -9``) and started again ends with the SVMs and
 regressors of an uninterrupted run.
+
+Under ``torchrun`` the classes are divided among the ranks (``distributed.shard`` over the K
+classes): each rank mines, retrains, samples and fits its own classes in its own resumable pass
+(``svm_checkpoint_path``), and rank 0 gathers the parts into the SVMs and regressors of one
+process, value for value (every step of a class depends on that class's data only).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
+from spp_detect import distributed as dist
 from spp_detect.config import DetectorConfig
 from spp_detect.modeling.box_regression import BoxRegressor
 from spp_detect.modeling.svm import LinearSVMs, mean_norm_scale
@@ -42,7 +48,15 @@ from spp_detect.training.hard_negatives import HardNegativeMiner
 from spp_detect.training.svm_solver import SVMSolver
 from spp_detect.training.window_features import all_rows
 
-__all__ = ["train_svms_and_regressors", "class_ious", "SVMStageCheckpoint", "stage_key"]
+__all__ = [
+    "train_svms_and_regressors",
+    "train_class_subset",
+    "merge_class_parts",
+    "class_ious",
+    "SVMStageCheckpoint",
+    "stage_key",
+    "svm_checkpoint_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +64,7 @@ logger = logging.getLogger(__name__)
 _SCALE_SAMPLE_IMAGES = 20
 _SCALE_SAMPLE_WINDOWS = 200
 # Bump when the checkpoint's layout changes: older checkpoints are ignored.
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 
 
 def class_ious(windows: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
@@ -69,10 +83,16 @@ def _fc7(detector, pooled: Tensor) -> Tensor:
     return detector.head.fc7_features(pooled)
 
 
-def stage_key(detector, images: Sequence[TrainingImage], config: DetectorConfig) -> str:
-    """What the SVMs and regressors depend on: the fine-tuned head's and the backbone's
-    weights, every training window and ground truth, and the settings that reach this stage
-    (not ``svm.checkpoint_seconds``, which changes when, not what)."""
+def stage_key(
+    detector,
+    images: Sequence[TrainingImage],
+    config: DetectorConfig,
+    classes: Optional[Sequence[int]] = None,
+) -> str:
+    """What the SVMs and regressors of ``classes`` (None: all) depend on: the fine-tuned
+    head's and the backbone's weights, every training window and ground truth, and the
+    settings that reach this stage (not ``svm.checkpoint_seconds``, which changes when, not
+    what)."""
     h = hashlib.blake2b(digest_size=16)
     for im in images:
         h.update(im.record.image_id.encode() + b"|" + str(im.record.flipped).encode())
@@ -93,6 +113,7 @@ def stage_key(detector, images: Sequence[TrainingImage], config: DetectorConfig)
         model=dataclasses.asdict(config.model),
         feature_cache_dtype=config.feature_cache_dtype,
         seed=config.finetune.seed,
+        classes=None if classes is None else [int(c) for c in classes],
     )
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -167,8 +188,17 @@ def _first_pass(detector, source, images, config: DetectorConfig):
     return positives, torch.cat(fc7_sample), bbox_scale
 
 
-def _make_miner(svms: LinearSVMs, s: Any) -> HardNegativeMiner:
-    """The hard negative miner of ``svms`` with the settings ``s`` (``config.svm``)."""
+def svm_checkpoint_path(output_dir: Union[str, Path]) -> Path:
+    """This process's checkpoint of the pass: ``svm_bbox.ckpt.pt``; under torchrun
+    ``svm_bbox.rank<R>-of-<K>.ckpt.pt``, so a killed rank resumes its own classes."""
+    if not dist.is_distributed():
+        return Path(output_dir) / "svm_bbox.ckpt.pt"
+    return Path(output_dir) / f"svm_bbox.rank{dist.rank()}-of-{dist.world_size()}.ckpt.pt"
+
+
+def _make_miner(svms: LinearSVMs, s: Any, classes: Sequence[int]) -> HardNegativeMiner:
+    """The hard negative miner of ``classes`` of ``svms`` with the settings ``s``
+    (``config.svm``)."""
     return HardNegativeMiner(
         svms,
         solver=SVMSolver(C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier),
@@ -179,6 +209,7 @@ def _make_miner(svms: LinearSVMs, s: Any) -> HardNegativeMiner:
         easy_thresh=s.easy_thresh,
         retrain_limit=s.retrain_limit,
         max_cached_negatives=s.max_cached_negatives,
+        classes=classes,
     )
 
 
@@ -216,30 +247,67 @@ def train_svms_and_regressors(
     images: Sequence[TrainingImage],
     config: DetectorConfig,
     checkpoint_path: Optional[Union[str, Path]] = None,
-) -> Tuple[LinearSVMs, Optional[BoxRegressor], Dict[str, Any]]:
+) -> Tuple[Optional[LinearSVMs], Optional[BoxRegressor], Dict[str, Any]]:
     """Train the SVMs and box regressors of ``detector`` (head in eval mode).
 
+    Under torchrun each rank trains the classes ``distributed.shard(range(K))`` gives it
+    (``train_class_subset``) and rank 0 assembles them (``merge_class_parts``). Every rank
+    still passes over every image and computes its fc7 (hard negative mining is sequential
+    over the images, so the pass cannot be split by image); what is divided is the mining,
+    the negative caches, the retrains, the regression samples and the fits.
+
     Args:
-        detector: a ``WindowDetector`` whose head has been fine-tuned.
+        detector: a ``WindowDetector`` whose head has been fine-tuned (the same on every rank).
         source: training window features prepared on ``images`` (``rows(i, idx)``).
         images: ground truths first, then proposals, per image.
-        checkpoint_path: where the pass checkpoints itself (None: nowhere); a checkpoint with
-            the same inputs is continued, and removed once the pass is over.
+        checkpoint_path: where this process's pass checkpoints itself (None: nowhere;
+            ``svm_checkpoint_path`` names one per rank); a checkpoint with the same inputs is
+            continued, and removed once rank 0 holds every class.
     Returns:
         ``(svms, bbox_regressor, stats)``; the regressor is None when ``config.bbox_reg`` is
-        disabled or no window overlaps a ground truth enough.
+        disabled or no window overlaps a ground truth enough. On ranks other than 0:
+        ``(None, None, stats of its own classes)``.
+    """
+    k = detector.num_classes
+    classes = dist.shard(list(range(k)))
+    with dist.all_ranks_ok("SVMs and box regressors"):
+        part, ckpt = train_class_subset(detector, source, images, config, classes, checkpoint_path)
+    parts = dist.gather(part)
+    ckpt.remove()
+    if parts is None:
+        return None, None, part["stats"]
+    svms, regressor, stats = merge_class_parts(parts, k, config.svm.feature_norm)
+    logger.info("SVMs trained; box regression on %d windows", stats["bbox_samples"])
+    if regressor is not None:
+        regressor = regressor.to(detector.device)
+    return svms.to(detector.device), regressor, stats
+
+
+def train_class_subset(
+    detector,
+    source,
+    images: Sequence[TrainingImage],
+    config: DetectorConfig,
+    classes: Sequence[int],
+    checkpoint_path: Optional[Union[str, Path]] = None,
+) -> Tuple[Dict[str, Any], SVMStageCheckpoint]:
+    """The pass of ``train_svms_and_regressors`` for ``classes`` only (the others are not
+    mined, cached, sampled or fitted).
+
+    Returns:
+        ``(part, checkpoint)``: ``part`` holds ``classes``, the state dicts of ``svms`` and of
+        the regressor (None without one; K rows each, the rows of ``classes`` trained) and
+        ``stats``; the checkpoint is still on disk (``remove()`` it once the part is safe).
     """
     detector.eval()
     k = detector.num_classes
     s = config.svm
-    svms = LinearSVMs(k, feature_norm=s.feature_norm)
-    miner = _make_miner(svms, s)
-    bbox = BoxRegressionTrainer.from_config(config.bbox_reg, seed=config.finetune.seed)
-    ckpt = SVMStageCheckpoint(
-        checkpoint_path,
-        stage_key(detector, images, config) if checkpoint_path is not None else "",
-        s.checkpoint_seconds,
+    miner = _make_miner(LinearSVMs(k, feature_norm=s.feature_norm), s, classes)
+    bbox = BoxRegressionTrainer.from_config(
+        config.bbox_reg, seed=config.finetune.seed, classes=classes
     )
+    key = stage_key(detector, images, config, classes) if checkpoint_path is not None else ""
+    ckpt = SVMStageCheckpoint(checkpoint_path, key, s.checkpoint_seconds)
     state = ckpt.load()
     if state is not None:
         miner.load_state_dict(state["miner"])
@@ -249,7 +317,7 @@ def train_svms_and_regressors(
         logger.info("SVM training: resuming at image %d of %d", start, len(images))
     else:
         positives, fc7_sample, bbox_scale = _first_pass(detector, source, images, config)
-        svms.set_feature_scale(fc7_sample)
+        miner.svms.set_feature_scale(fc7_sample)
         miner.add_positives(*positives)
         start = 0
 
@@ -275,16 +343,50 @@ def train_svms_and_regressors(
     svms = miner.finish()
     t = time.perf_counter()
     regressor = bbox.fit(k, feature_scale=bbox_scale) if config.bbox_reg.enabled else None
-    bbox_seconds += time.perf_counter() - t
-    stats: Dict[str, Any] = {"bbox_samples": bbox.num_samples if regressor is not None else 0}
     # This process's time in box regression (sampling and fit); the rest of the pass (reading
     # the features included) is the SVMs'.
-    stats["bbox_reg_seconds"] = bbox_seconds
-    stats["svm_trained"] = [bool(t) for t in svms.trained.tolist()]
+    stats: Dict[str, Any] = {"bbox_reg_seconds": bbox_seconds + time.perf_counter() - t}
+    stats["bbox_samples"] = bbox.num_samples if regressor is not None else 0
     stats["svm_cache_sizes"] = [miner.cache_size(c) for c in range(k)]
     stats["resumed_at_image"] = start
-    logger.info("SVMs trained; box regression on %d windows", stats["bbox_samples"])
-    ckpt.remove()
+    part = {
+        "classes": list(classes),
+        "svms": {n: v.detach().cpu() for n, v in svms.state_dict().items()},
+        "regressor": None,
+        "stats": stats,
+    }
     if regressor is not None:
-        regressor = regressor.to(detector.device)
-    return svms.to(detector.device), regressor, stats
+        part["regressor"] = {n: v.detach().cpu() for n, v in regressor.state_dict().items()}
+    return part, ckpt
+
+
+def merge_class_parts(
+    parts: Sequence[Dict[str, Any]], num_classes: int, feature_norm: float
+) -> Tuple[LinearSVMs, Optional[BoxRegressor], Dict[str, Any]]:
+    """The SVMs, regressor and statistics of one process from ``train_class_subset`` parts
+    whose classes together are every class once: each class's rows come from its part (the
+    feature scales and dimensions are the same in every part). On the CPU."""
+    svms = LinearSVMs(num_classes, feature_norm=feature_norm)
+    svms.load_state_dict(parts[0]["svms"])
+    fitted = [p["regressor"] for p in parts if p["regressor"] is not None]
+    # Untrained rows of a part are the identity, as a class without samples in the full fit.
+    regressor = BoxRegressor.from_state_dict(fitted[0]) if fitted else None
+    cache_sizes = [0] * num_classes
+    for part in parts:
+        idx = torch.tensor(part["classes"], dtype=torch.long)
+        for name in ("weight", "bias", "trained"):
+            getattr(svms, name)[idx] = part["svms"][name][idx]
+        if part["regressor"] is not None:
+            for name in ("weight", "target_mean", "target_transform", "trained"):
+                getattr(regressor, name)[idx] = part["regressor"][name][idx]
+        for c in part["classes"]:
+            cache_sizes[c] = part["stats"]["svm_cache_sizes"][c]
+    stats: Dict[str, Any] = {
+        "bbox_samples": sum(p["stats"]["bbox_samples"] for p in parts),
+        # The slowest rank's (the wall time of the stage's regression share).
+        "bbox_reg_seconds": max(p["stats"]["bbox_reg_seconds"] for p in parts),
+        "svm_trained": [bool(t) for t in svms.trained.tolist()],
+        "svm_cache_sizes": cache_sizes,
+        "resumed_at_image": min(p["stats"]["resumed_at_image"] for p in parts),
+    }
+    return svms, regressor, stats

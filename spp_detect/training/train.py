@@ -9,6 +9,10 @@
 
 Each finished stage leaves a checkpoint in the output folder, so a rerun with the same settings
 resumes after it.
+
+Under ``torchrun`` every rank runs ``train_detector``: fine-tuning is data-parallel (DDP,
+``finetune.py``), the SVMs and regressors are divided by class (``svm_bbox.py``), and rank 0
+alone writes ``finetune.pt``, ``model.pt`` and ``train_log.json`` while the others wait for it.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from spp_detect import distributed as dist
 from spp_detect.config import DEFAULT_LR, DetectorConfig
 from spp_detect.datasets.voc import VOCDataset
 from spp_detect.modeling.build import build_detector
 from spp_detect.serialization import load_file, save_file
 from spp_detect.utils import atomic_write_json, resolve_device
 from spp_detect.training.conv_cache import weights_digest
-from spp_detect.training.svm_bbox import train_svms_and_regressors
+from spp_detect.training.svm_bbox import svm_checkpoint_path, train_svms_and_regressors
 from spp_detect.training.window_features import memory_budget
 from spp_detect.inference.dataset import dataset_proposals
 from spp_detect.datasets.records import ImageRecord, mirror_boxes
@@ -38,12 +43,8 @@ from spp_detect.errors import UserInputError
 from spp_detect.modeling.backbones import build_imagenet_model
 from spp_detect.modeling.head import load_imagenet_fc
 from spp_detect.training.distill import distill_head
-from spp_detect.training.finetune import (
-    FinetuneCheckpoint,
-    TrainingImage,
-    finetune_head,
-    make_training_images,
-)
+from spp_detect.training.finetune import TrainingImage, finetune_head, make_training_images
+from spp_detect.training.finetune_checkpoint import FinetuneCheckpoint
 
 __all__ = ["train_detector", "make_feature_source"]
 
@@ -132,7 +133,8 @@ def init_fc_layers(detector, source, images, config, pretrained, cache_dir, log)
 class _FinetuneStage:
     """fc6/fc7 initialisation and fine-tuning, resumable: ``finetune.pt`` holds the finished
     head (reused when its key matches), ``finetune.ckpt.pt`` the periodic checkpoint of an
-    unfinished run (continued when its key matches)."""
+    unfinished run (continued when its key matches). Under torchrun rank 0 reads and writes
+    ``finetune.pt`` and copies a reused head to the other ranks."""
 
     def __init__(self, output_dir: Path, key: str, resume: bool) -> None:
         self.done_path = output_dir / "finetune.pt"
@@ -148,11 +150,14 @@ class _FinetuneStage:
         return saved if isinstance(saved, dict) and saved.get("key") == self.key else None
 
     def run(self, detector, source, images, flipped, config, pretrained, cache_dir, log) -> None:
-        saved = self._finished()
-        if saved is not None:
-            detector.head.load_state_dict(saved["head"])
+        saved = self._finished() if dist.is_main_process() else None
+        reused_log = dist.broadcast(None if saved is None else saved["log"])
+        if reused_log is not None:
+            if saved is not None:
+                detector.head.load_state_dict(saved["head"])
+            dist.broadcast_module(detector.head)
             logger.info("fine-tuning: reusing %s", self.done_path)
-            log["finetune"] = saved["log"]
+            log["finetune"] = reused_log
             return
         ckpt = FinetuneCheckpoint(self.ckpt_path, self.key, config.finetune.checkpoint_seconds)
         if ckpt.load() is not None:  # an interrupted run: its head already has its start
@@ -169,9 +174,10 @@ class _FinetuneStage:
         log["finetune"] = finetune_head(
             detector, source, images + flipped, ft_cfg, fc_init == "random", ckpt
         )
-        head = detector.head.state_dict()
-        save_file({"key": self.key, "head": head, "log": log["finetune"]}, self.done_path)
-        self.ckpt_path.unlink(missing_ok=True)
+        if dist.is_main_process():
+            head = detector.head.state_dict()
+            save_file({"key": self.key, "head": head, "log": log["finetune"]}, self.done_path)
+            self.ckpt_path.unlink(missing_ok=True)
 
 
 def training_images(
@@ -204,6 +210,7 @@ def _new_log(dataset, method: str, device: torch.device) -> Dict[str, Any]:
         },
         "class_names": dataset.class_names,
         "device": str(device),
+        "processes": dist.world_size(),
         "seconds": {},
     }
 
@@ -256,6 +263,9 @@ def train_detector(
         resume: reuse finished stages whose settings match.
     Returns:
         The training log (per-stage seconds, cache sizes, fine-tuning losses, model path).
+
+    Under torchrun every rank calls it with the same arguments (``tools/train_net.py`` does,
+    after ``shared_caches.fill_caches_by_rank``); rank 0 writes the files.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -286,7 +296,7 @@ def train_detector(
 
     t = time.perf_counter()
     detector.eval()
-    svm_ckpt = output_dir / "svm_bbox.ckpt.pt"  # continued by a rerun after a kill
+    svm_ckpt = svm_checkpoint_path(output_dir)  # continued by a rerun after a kill
     if not resume:
         svm_ckpt.unlink(missing_ok=True)
     detector.svms, detector.bbox_regressor, stats = train_svms_and_regressors(
@@ -295,8 +305,11 @@ def train_detector(
     log["classifiers"] = stats
     log["seconds"]["svm_bbox"] = time.perf_counter() - t
 
-    model_path = detector.save(output_dir / "model.pt")
+    model_path = output_dir / "model.pt"
     log["model"] = str(model_path)
-    atomic_write_json(output_dir / "train_log.json", log)
-    logger.info("wrote %s", model_path)
+    with dist.all_ranks_ok("writing model.pt"):  # no rank leaves before rank 0 has written
+        if dist.is_main_process():
+            detector.save(model_path)
+            atomic_write_json(output_dir / "train_log.json", log)
+            logger.info("wrote %s", model_path)
     return log

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from spp_detect import distributed as dist
 from spp_detect.modeling.pyramid import random_scales
 from spp_detect.training.conv_cache import ConvFeatureCache
 
@@ -53,12 +54,16 @@ def available_memory() -> int:
 
 def memory_budget(budget_mb: int = 0) -> int:
     """Bytes that training's in-memory window features may use: ``budget_mb`` MB when
-    positive (``DetectorConfig.memory_budget_mb``), else a quarter of the available RAM."""
+    positive (``DetectorConfig.memory_budget_mb``), else a quarter of the available RAM.
+
+    Under torchrun that is the machine's budget, shared by its ``LOCAL_WORLD_SIZE`` ranks:
+    every rank fine-tunes on the whole training set and so holds its own copy of the pooled
+    windows, and each takes an equal part (values are the same either way; see
+    ``SPPWindowFeatures``)."""
     if budget_mb < 0:
         raise ValueError(f"memory_budget_mb must be >= 0, got {budget_mb}")
-    if budget_mb:
-        return int(budget_mb) << 20
-    return int(available_memory() * _DEFAULT_RAM_FRACTION)
+    total = int(budget_mb) << 20 if budget_mb else int(available_memory() * _DEFAULT_RAM_FRACTION)
+    return total // dist.local_world_size()
 
 
 class SPPWindowFeatures:
