@@ -263,37 +263,14 @@ def add_test_args(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true",
         help="keep the images an interrupted run into --output finished (OUTPUT/partial)",
     )  # fmt: skip
-    parser.add_argument(
-        "overrides", nargs="*", metavar="test.KEY=VALUE",
-        help="test-time settings, e.g. test.fast_head=bf16 test.svd_fc6=1024 "
-        "test.svd_method=responses (the model file is not changed)",
-    )  # fmt: skip
-
-
-def test_overrides_from_args(config, overrides) -> Dict[str, Any]:
-    """``test.KEY=VALUE`` strings as ``TestConfig`` fields, type-checked against the model's
-    config (``config.apply_overrides``); any other section is refused (it would need
-    retraining)."""
-    import dataclasses
-
-    from .config import apply_overrides
-
-    for item in overrides:
-        if not item.strip().startswith("test."):
-            raise UserInputError(
-                f"override {item!r}: only test.KEY=VALUE settings apply to a trained model"
-            )
-    test = apply_overrides(config, overrides).test
-    return {
-        f.name: getattr(test, f.name)
-        for f in dataclasses.fields(test)
-        if getattr(test, f.name) != getattr(config.test, f.name)
-    }
+    parser.add_argument("overrides", nargs="*", metavar="test.KEY=VALUE",
+                        help="test-time settings, e.g. test.fast_head=bf16")  # fmt: skip
 
 
 def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     from . import distributed
     from spp_detect.inference.dataset import test_detector
+    from .config import test_overrides as parse_test_overrides
     from .modeling.build import load_detector
     from .utils import resolve_device
 
@@ -302,11 +279,11 @@ def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     detector = load_detector(args.model, resolve_device(device))
     if args.method and args.method != detector.method:
         raise UserInputError(f"{args.model}: a {detector.method!r} model, not {args.method!r}")
-    test_overrides = test_overrides_from_args(detector.config, getattr(args, "overrides", []))
+    test_fields = parse_test_overrides(detector.config, getattr(args, "overrides", []))
     if args.classifier:
-        test_overrides["classifier"] = args.classifier
+        test_fields["classifier"] = args.classifier
     if args.no_bbox_reg:
-        test_overrides["bbox_reg"] = False
+        test_fields["bbox_reg"] = False
     dataset = dataset_from_args(args, class_names=detector.class_names)
     metrics = test_detector(
         detector,
@@ -317,7 +294,7 @@ def test_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         proposals_file=args.proposals_file,
         use_07_metric=args.use_07_metric,
         coco=args.coco,
-        overrides=test_overrides,
+        overrides=test_fields,
         scales=args.scales,
         resume=args.resume,
     )

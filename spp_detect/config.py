@@ -21,6 +21,7 @@ from .errors import UserInputError
 from .proposals.settings import ProposalSettings
 
 __all__ = [
+    "test_overrides",
     "ModelConfig",
     "ProposalSettings",
     "DataConfig",
@@ -368,6 +369,23 @@ def apply_overrides(config: DetectorConfig, overrides: Iterable[str]) -> Detecto
         except yaml.YAMLError as exc:
             raise UserInputError(f"override {item!r}: cannot parse value ({exc})") from None
     return DetectorConfig.from_dict(data)
+
+
+def test_overrides(config: DetectorConfig, overrides: Iterable[str]) -> Dict[str, Any]:
+    """``test.KEY=VALUE`` strings as the ``TestConfig`` fields they change, type-checked
+    against ``config`` (``apply_overrides``); any other section is refused (a trained model's
+    other settings would need retraining)."""
+    for item in overrides:
+        if not item.strip().startswith("test."):
+            raise UserInputError(
+                f"override {item!r}: only test.KEY=VALUE settings apply to a trained model"
+            )
+    test = apply_overrides(config, overrides).test
+    return {
+        f.name: getattr(test, f.name)
+        for f in dataclasses.fields(test)
+        if getattr(test, f.name) != getattr(config.test, f.name)
+    }
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> DetectorConfig:

@@ -43,6 +43,7 @@ from spp_detect.errors import UserInputError
 from spp_detect.modeling.backbones import build_imagenet_model
 from spp_detect.modeling.head import load_imagenet_fc
 from spp_detect.training.distill import distill_head
+from spp_detect.training.head_stats import head_response_stats
 from spp_detect.training.finetune import TrainingImage, finetune_head, make_training_images
 from spp_detect.training.finetune_checkpoint import FinetuneCheckpoint
 
@@ -309,6 +310,10 @@ def train_detector(
     log["model"] = str(model_path)
     with dist.all_ranks_ok("writing model.pt"):  # no rank leaves before rank 0 has written
         if dist.is_main_process():
+            # For test.svd_method="responses" (modeling/lowrank.py): seconds; kept in model.pt.
+            detector.head_stats = head_response_stats(
+                detector.head, source, images, seed=config.finetune.seed
+            )
             detector.save(model_path)
             atomic_write_json(output_dir / "train_log.json", log)
             logger.info("wrote %s", model_path)
