@@ -80,3 +80,20 @@ def test_choose_scales_area_closest_to_224():
         area = float((w[i, 2] - w[i, 0]) * (w[i, 3] - w[i, 1]))
         best = min(range(3), key=lambda s: abs(area * factors[s] ** 2 - 224.0**2))
         assert got[i].item() == best
+
+
+def test_test_overrides_take_test_fields_only_type_checked():
+    from spp_detect.config import DetectorConfig, test_overrides
+    from spp_detect.errors import UserInputError
+
+    cfg = DetectorConfig()
+    got = test_overrides(
+        cfg, ["test.svd_fc6=256", "test.svd_method=responses", "test.nms_thresh=0.3"]
+    )
+    assert got == {"svd_fc6": 256, "svd_method": "responses"}  # nms_thresh is already 0.3
+    with pytest.raises(UserInputError, match="only test.KEY=VALUE"):
+        test_overrides(cfg, ["model.scales=[480]"])
+    with pytest.raises(UserInputError, match="unknown config key"):
+        test_overrides(cfg, ["test.no_such_field=1"])
+    with pytest.raises(UserInputError):
+        test_overrides(cfg, ["test.svd_fc6=many"])
