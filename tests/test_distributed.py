@@ -346,7 +346,7 @@ def _simulated_ddp(world=2):
             torch.manual_seed(seed)
             dropout_rng.append(torch.get_rng_state())
         rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-        batches.append(WindowPool(images, ns["Source"](), cfg, rng, gen).batches())
+        batches.append(WindowPool(images, ns["Source"](), cfg, rng, gen).batches(cfg.pool_batches))
     _set_input_scale(head, ns["Source"](), images)
     opt = torch.optim.SGD(
         head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay

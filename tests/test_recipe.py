@@ -199,7 +199,7 @@ def test_window_pool_batches_span_many_images_and_fetch_the_right_rows():
     src = _Source()
     cfg = FinetuneConfig(pool_batches=4)
     pool = WindowPool(images, src, cfg, np.random.default_rng(0), torch.Generator().manual_seed(0))
-    it = pool.batches()
+    it = pool.batches(cfg.pool_batches)
     for _ in range(8):
         x, y = next(it)
         assert x.shape == (128, 2) and (y[:32] > 0).all() and (y[32:] == 0).all()
@@ -212,10 +212,31 @@ def test_window_pool_batches_span_many_images_and_fetch_the_right_rows():
     assert src.calls <= 2 * len(images)
 
 
+def test_pool_size_changes_reads_not_batches():
+    """The same draws whatever the pool size (a refill of 1 or of 25 mini-batches), and an
+    on-demand source gets as many mini-batches per refill as its budget holds."""
+    from spp_detect.training.finetune import pool_batches
+
+    images = _images()
+    runs = []
+    for size in (1, 25):
+        pool = WindowPool(
+            images, _Source(), FinetuneConfig(), None, torch.Generator().manual_seed(3)
+        )
+        it = pool.batches(size)
+        runs.append([next(it) for _ in range(30)])
+    for (xa, ya), (xb, yb) in zip(*runs):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    cfg = FinetuneConfig(pool_batches=10, batch_size=128)
+    assert pool_batches(cfg, _Source()) == 10  # features in memory: the configured pool
+    on_demand = type("S", (), {"on_demand_pool_windows": 128 * 300 + 5})()
+    assert pool_batches(cfg, on_demand) == 300
+
+
 def test_window_pool_small_sets_give_smaller_batches_without_repeats():
     images = _images(n_images=2, fg_per_image=3, bg_per_image=10)
     pool = WindowPool(images, _Source(), FinetuneConfig(), None, torch.Generator().manual_seed(0))
-    x, y = next(pool.batches())
+    x, y = next(pool.batches(10))
     assert int((y > 0).sum()) == 6 and int((y == 0).sum()) == 20
     assert len({tuple(r) for r in x.long().tolist()}) == 26
 

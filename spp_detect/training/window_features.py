@@ -126,6 +126,14 @@ class SPPWindowFeatures:
             )
         return stats
 
+    @property
+    def on_demand_pool_windows(self) -> int:
+        """How many pooled windows a fine-tuning pool may hold at once when windows are pooled
+        on demand (the budget over a float32 row plus its copy); 0 when they are in memory."""
+        if self._pooled or not self.images:
+            return 0
+        return self.memory_bytes // (self.detector.pooled_dim * 4 * 2)
+
     def _pool(self, i: int, idx: Tensor, rng: Optional[np.random.Generator] = None) -> Tensor:
         im = self.images[i]
         device = self.detector.device
