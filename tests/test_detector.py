@@ -14,7 +14,7 @@ from spp_detect.modeling.build import build_detector, load_detector
 from spp_detect.modeling.pyramid import choose_scales
 from spp_detect.modeling.spp import SpatialPyramidPooling
 from spp_detect.modeling.svm import LinearSVMs
-from spp_detect.modeling.window_pool import pool_windows, project_windows
+from spp_detect.modeling.window_pool import bin_major_order, pool_windows, project_windows
 
 
 def _config(scales=(64,), hidden=16, **test):
@@ -277,7 +277,9 @@ def test_with_settings_svd_head_matches_truncated_svd_and_leaves_original():
     x = pooled.double() * float(h.input_scale)
     x = torch.relu(x @ low_rank(h.fc6.weight, 8).T + h.fc6.bias.double())
     ref = torch.relu(x @ low_rank(h.fc7.weight, 4).T + h.fc7.bias.double())
-    got, _ = fast.head.predict(pooled)
+    # the test-time copy reads its pooled features bin-major (SPPDetector.configure_test_head)
+    order = bin_major_order(det.backbone.out_channels, det.config.model.levels)
+    got, _ = fast.head.predict(pooled[:, order])
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
     image = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
     assert len(fast.detect(image, _windows(10, 48, 48).numpy())) > 0

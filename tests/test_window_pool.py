@@ -1,19 +1,31 @@
 """Window projection (SPP-net appendix A) and window pyramid pooling against slow references."""
 
+import dataclasses
 import importlib.util
 import json
 from fractions import Fraction
 from math import ceil, floor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import spp_detect.modeling.window_pool as window_pool
+from spp_detect.config import DetectorConfig
+from spp_detect.modeling.base import WindowDetector
+from spp_detect.modeling.box_regression import BoxRegressor
+from spp_detect.modeling.build import build_detector
+from spp_detect.modeling.head import FCHead
 from spp_detect.modeling.spp import SpatialPyramidPooling
-from spp_detect.modeling.window_pool import pool_windows, project_windows
+from spp_detect.modeling.spp_net import SPPDetector, permute_fc6_inputs
+from spp_detect.modeling.svm import LinearSVMs
+from spp_detect.utils import null_timer
+from spp_detect.modeling.window_pool import bin_major_order, pool_windows, project_windows
 
-LEVEL_SETS = [(6, 3, 2, 1), (4, 3, 2, 1), (5, 2), (1,)]
+# The last: a level twice and a level derived from a derived one (1 from 2 from 6).
+LEVEL_SETS = [(6, 3, 2, 1), (4, 3, 2, 1), (5, 2), (1,), (2, 6, 1, 6)]
 
 
 @pytest.fixture(autouse=True)
@@ -49,21 +61,26 @@ def ref_bins(size, n):
     return [(floor(Fraction(i * size, n)), ceil(Fraction((i + 1) * size, n))) for i in range(n)]
 
 
-def ref_spp(x, levels):
-    """SPP of one map x[C, H, W] in float64: max over each bin's slice, layout (C, n, n)."""
+def ref_spp(x, levels, layout="channel"):
+    """SPP of one map x[C, H, W] in float64: max over each bin's slice, layout (C, n, n) or,
+    for ``layout="bin"``, (n, n, C)."""
     out = []
     for n in levels:
         for_level = []
         for y0, y1 in ref_bins(x.shape[1], n):
             for x0, x1 in ref_bins(x.shape[2], n):
                 for_level.append(x[:, y0:y1, x0:x1].amax(dim=(1, 2)))
-        out.append(torch.stack(for_level, dim=1).reshape(-1))  # [C, n*n] -> (C, n, n)
+        # [C, n*n] -> (C, n, n), or [n*n, C] -> (n, n, C)
+        out.append(torch.stack(for_level, dim=1 if layout == "channel" else 0).reshape(-1))
     return torch.cat(out)
 
 
-def ref_pool(fmap, cells, levels):
+def ref_pool(fmap, cells, levels, layout="channel"):
     """Per-window loop: crop the inclusive cell range, run the reference SPP."""
-    rows = [ref_spp(fmap[:, y1 : y2 + 1, x1 : x2 + 1], levels) for x1, y1, x2, y2 in cells.tolist()]
+    rows = [
+        ref_spp(fmap[:, y1 : y2 + 1, x1 : x2 + 1], levels, layout)
+        for x1, y1, x2, y2 in cells.tolist()
+    ]
     return torch.stack(rows)
 
 
@@ -204,6 +221,86 @@ def test_pool_matches_loop(levels, monkeypatch):
                 assert torch.equal(grad_out.detach(), expected), (height, width)
 
 
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_pool_bin_layout_matches_loop(levels, monkeypatch):
+    gen = torch.Generator().manual_seed(10 + sum(levels))
+    order = bin_major_order(3, levels)
+    assert sorted(order.tolist()) == list(range(3 * sum(n * n for n in levels)))
+    for i, (height, width) in enumerate(map_sizes(gen)):
+        fmap = torch.randn(3, height, width, generator=gen, dtype=torch.float64)
+        cells = random_cells(gen, 6, height, width)
+        expected = ref_pool(fmap, cells, levels, layout="bin")
+        assert torch.equal(ref_pool(fmap, cells, levels)[:, order], expected)
+        assert torch.equal(pool_windows(fmap, cells, levels, layout="bin"), expected)
+        if i % 4 == 0:
+            grad_out = pool_windows(fmap.clone().requires_grad_(), cells, levels, layout="bin")
+            assert torch.equal(grad_out.detach(), expected), (height, width)
+            with monkeypatch.context() as m:
+                m.setattr(window_pool, "_CHUNK_BYTES", 1)
+                out = pool_windows(fmap, cells, levels, layout="bin")
+                assert torch.equal(out, expected), (height, width)
+
+
+@pytest.mark.parametrize("layout", ["channel", "bin"])
+def test_pool_into_bfloat16_equals_rounded_float32(layout):
+    # Rounding is monotonic, so max pooling commutes with it: pooling a float32 map into
+    # bfloat16 must equal the float32 result rounded, bit for bit.
+    gen = torch.Generator().manual_seed(11)
+    for height, width in [(1, 1), (13, 17), (43, 57)]:
+        fmap = torch.randn(5, height, width, generator=gen)
+        cells = random_cells(gen, 30, height, width)
+        ref = ref_pool(fmap.double(), cells, (6, 3, 2, 1), layout).float().bfloat16()
+        out = pool_windows(fmap, cells, layout=layout, dtype=torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+        assert torch.equal(pool_windows(fmap.bfloat16(), cells, layout=layout), ref)
+    assert pool_windows(fmap, cells[:0], dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_pool_into_out_block():
+    gen = torch.Generator().manual_seed(14)
+    fmap = torch.randn(3, 9, 14, generator=gen)
+    cells = random_cells(gen, 10, 9, 14)
+    pooled = torch.full((30, 3 * 50), float("nan"))
+    for layout in ("channel", "bin"):
+        got = pool_windows(fmap, cells, layout=layout, out=pooled[5:21])
+        assert got.data_ptr() == pooled[5:21].data_ptr()
+        assert torch.equal(
+            pooled[5:21], ref_pool(fmap.double(), cells, (6, 3, 2, 1), layout).float()
+        )
+        assert bool(pooled[:5].isnan().all()) and bool(pooled[21:].isnan().all())
+    for bad in (pooled[:15], pooled[5:21].double(), pooled[5:21, :-1], torch.empty(150, 16).t()):
+        with pytest.raises(ValueError, match="out must"):
+            pool_windows(fmap, cells, out=bad)
+    with pytest.raises(ValueError, match="autograd"):
+        pool_windows(fmap.requires_grad_(), cells, out=pooled[5:21])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_pool_non_negative_maps_match_loop(dtype):
+    # conv5 after its ReLU: exact zeros and ties everywhere, here also a -0.0 and an infinity.
+    # Such maps are pooled through their bit patterns as integers (window_pool._pool).
+    gen = torch.Generator().manual_seed(15)
+    for height, width in [(1, 1), (7, 9), (43, 57)]:
+        fmap = torch.randn(4, height, width, generator=gen).relu().to(dtype)
+        fmap[0, 0, 0], fmap[1, -1, -1] = -0.0, float("inf")
+        cells = random_cells(gen, 40, height, width)
+        for layout in ("channel", "bin"):
+            ref = ref_pool(fmap.double(), cells, (6, 3, 2, 1), layout).to(dtype)
+            out = pool_windows(fmap, cells, layout=layout)
+            assert out.dtype == dtype and torch.equal(out, ref), (height, width, layout)
+
+
+def test_pool_bin_layout_gradient_matches_loop():
+    gen = torch.Generator().manual_seed(12)
+    fmap = torch.randn(3, 17, 12, generator=gen, dtype=torch.float64)
+    cells = random_cells(gen, 25, 17, 12)
+    weight = torch.randn(cells.shape[0], 3 * 50, generator=gen, dtype=torch.float64)
+    f1, f2 = fmap.clone().requires_grad_(), fmap.clone().requires_grad_()
+    (pool_windows(f1, cells, layout="bin") * weight).sum().backward()
+    (ref_pool(f2, cells, (6, 3, 2, 1), layout="bin") * weight).sum().backward()
+    torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_pool_whole_map_equals_spp_layer():
     gen = torch.Generator().manual_seed(5)
     for height, width in [(1, 1), (3, 40), (43, 57), (13, 13)]:
@@ -328,9 +425,11 @@ def test_pool_invalid(fmap_shape, cells, match):
         pool_windows(torch.zeros(fmap_shape), torch.tensor(cells))
 
 
-def test_pool_invalid_levels():
+def test_pool_invalid_levels_and_layout():
     with pytest.raises(ValueError, match="levels"):
         pool_windows(torch.zeros(2, 3, 3), torch.zeros(1, 4, dtype=torch.long), (3, 0))
+    with pytest.raises(ValueError, match="layout"):
+        pool_windows(torch.zeros(2, 3, 3), torch.zeros(1, 4, dtype=torch.long), layout="hwc")
 
 
 def test_bench_pool_agrees_with_roi_pool(tmp_path):
@@ -347,6 +446,162 @@ def test_bench_pool_agrees_with_roi_pool(tmp_path):
     assert agree["windows_with_same_bins"] > 50
     assert agree["of_those_outputs_equal"] == agree["windows_with_same_bins"]
     assert json.loads((tmp_path / "bench.json").read_text())["windows"] == 60
+
+
+# ------------------------------------------------------------------------------------------
+# SPP-net's test-time copies: bin-layout pooling read by a head with permuted fc6 columns
+# ------------------------------------------------------------------------------------------
+
+
+def _spp_detector(hidden=64):
+    c = DetectorConfig()
+    config = c.replace(
+        model=dataclasses.replace(c.model, backbone="zf5", scales=(96,), hidden=hidden),
+        test=dataclasses.replace(c.test, score_thresh=-1e9),
+    )
+    torch.manual_seed(0)
+    det = build_detector("spp", ["a", "b", "c"], config, pretrained=False)
+    det.head.input_scale.fill_(0.7)
+    det.svms = LinearSVMs(3)
+    det.svms.reset_weights(hidden)
+    det.svms.weight.normal_()
+    det.svms.trained.fill_(True)
+    det.svms.set_feature_scale(1.0)
+    det.bbox_regressor = BoxRegressor.from_state_dict(
+        {
+            "weight": torch.randn(3, det.pooled_dim + 1, 4) * 1e-3,
+            "target_mean": torch.zeros(3, 4),
+            "target_transform": torch.eye(4).repeat(3, 1, 1),
+            "feature_scale": torch.tensor(1.0),
+            "trained": torch.ones(3, dtype=torch.bool),
+            "delta_weights": torch.ones(4),
+        }
+    )
+    return det.eval()
+
+
+def _image_and_proposals(num=60, height=90, width=120):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    xy = rng.uniform(0, [width - 10, height - 10], (num, 2))
+    wh = rng.uniform(8, [width / 1.5, height / 1.5], (num, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + wh, [width, height])], axis=1)
+    return image, boxes.astype(np.float32)
+
+
+def test_permute_fc6_inputs_matches_permuted_input():
+    gen = torch.Generator().manual_seed(13)
+    head = FCHead(40, 3, hidden=12).eval()
+    order = torch.randperm(40, generator=gen)
+    x = torch.randn(9, 40, generator=gen)
+    for h in (head, FCHead(40, 3, hidden=12).compress(6, 0).eval()):
+        w = (h.fc6[0] if isinstance(h.fc6, nn.Sequential) else h.fc6).weight.clone()
+        p = permute_fc6_inputs(h, order)
+        torch.testing.assert_close(p.predict(x[:, order])[1], h.predict(x)[1])
+        # the original keeps its weights; everything but fc6's first weight is shared
+        first = h.fc6[0] if isinstance(h.fc6, nn.Sequential) else h.fc6
+        assert torch.equal(first.weight, w) and p.fc7 is h.fc7 and p.cls_score is h.cls_score
+    with pytest.raises(ValueError, match="fc6"):
+        permute_fc6_inputs(head, order[:10])
+
+
+def test_trained_and_unchanged_heads_keep_the_channel_layout():
+    det = _spp_detector()
+    assert det.pooled_layout == "channel"
+    for fields in ({}, {"fast_conv": "channels_last"}, {"score_thresh": 0.0}):
+        copy = det.with_settings(**fields)
+        assert copy.pooled_layout == "channel" and copy.head is det.head
+        assert copy.bbox_regressor is det.bbox_regressor
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"svd_fc6": 16, "svd_fc7": 8},
+        {"fast_head": "int8"},
+        {"fast_head": "int8", "svd_fc6": 16, "svd_fc7": 8},
+        {"fast_head": "bf16"},
+        {"fast_head": "bf16", "svd_fc6": 16, "fast_conv": "bf16"},
+    ],
+)
+def test_bin_layout_detector_equals_channel_layout(fields, monkeypatch):
+    det = _spp_detector()
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    fast = det.with_settings(**fields)
+    with monkeypatch.context() as m:  # the same settings without the layout switch
+        m.setattr(SPPDetector, "configure_test_head", WindowDetector.configure_test_head)
+        ref = det.with_settings(**fields)
+    assert (fast.pooled_layout, ref.pooled_layout, det.pooled_layout) == (
+        "bin",
+        "channel",
+        "channel",
+    )
+    assert all(torch.equal(v, before[k]) for k, v in det.state_dict().items())
+    bf16 = fields.get("fast_head") == "bf16"
+    image, proposals = _image_and_proposals()
+
+    # Pooled features: the same values, permuted, in the head's dtype (no float32 round trip).
+    x = det.preprocess(image)
+    windows = torch.from_numpy(proposals)
+    got, inverse = fast.compute_pooled(x, windows, null_timer())
+    want, ref_inverse = ref.compute_pooled(x, windows, null_timer())
+    order = window_pool.bin_major_order(det.backbone.out_channels, det.config.model.levels)
+    assert got.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert want.dtype == torch.float32  # the channel layout: as before, float32
+    assert torch.equal(inverse, ref_inverse) and torch.equal(got, want[:, order].to(got.dtype))
+
+    if bf16:
+        # bfloat16 products summed in another order: within bf16's rounding of fc6's output.
+        fc7, ref_fc7 = fast.head.fc7_features(got), ref.head.fc7_features(want)
+        torch.testing.assert_close(fc7, ref_fc7, rtol=2e-2, atol=2e-2 * float(ref_fc7.abs().max()))
+        deltas = fast.bbox_regressor.predict_deltas(got)
+        ref_deltas = ref.bbox_regressor.predict_deltas(want)
+        assert deltas.dtype == torch.float32
+        torch.testing.assert_close(
+            deltas, ref_deltas, rtol=2e-2, atol=2e-2 * float(ref_deltas.abs().max())
+        )
+        d = fast.detect(image, proposals)
+        assert len(d) > 20 and d.boxes.dtype == d.scores.dtype == torch.float32
+        return
+    a, b = fast.detect(image, proposals), ref.detect(image, proposals)
+    assert len(b) > 20 and torch.equal(a.labels, b.labels)
+    torch.testing.assert_close(
+        a.scores, b.scores, rtol=1e-5, atol=1e-5 * float(b.scores.abs().max())
+    )
+    torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-5, atol=1e-4)
+
+
+def test_bin_layout_multi_scale_pooling_equals_channel_layout(monkeypatch):
+    # Several scales: each scale's windows are pooled into their block of the result (out=).
+    det = _spp_detector()
+    fields = {"scales": (64, 112), "fast_head": "bf16"}
+    fast = det.with_settings(**fields)
+    with monkeypatch.context() as m:
+        m.setattr(SPPDetector, "configure_test_head", WindowDetector.configure_test_head)
+        ref = det.with_settings(**fields)
+    image, proposals = _image_and_proposals(num=80)
+    x, windows = det.preprocess(image), torch.from_numpy(proposals)
+    got, inverse = fast.compute_pooled(x, windows, null_timer())
+    want, ref_inverse = ref.compute_pooled(x, windows, null_timer())
+    order = window_pool.bin_major_order(det.backbone.out_channels, det.config.model.levels)
+    maps = fast.conv_maps(x)
+    assert len({tuple(m.shape) for m in maps}) == 2 and got.dtype == torch.bfloat16
+    assert torch.equal(inverse, ref_inverse)
+    # (tests/test_detector.py checks the channel layout of several scales against crops)
+    assert torch.equal(got, want[:, order].bfloat16())
+
+
+def test_bench_pool_variants_are_exact(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_pool.py"
+    spec = importlib.util.spec_from_file_location("bench_pool", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    baseline = Path(window_pool.__file__)  # this version as its own baseline
+    argv = "--variants --channels 8 --windows 60 --warmup 0 --repeats 1 --threads 1".split()
+    args = bench.get_args_parser().parse_args(argv + ["--baseline", str(baseline)])
+    result = bench.main(args)["variants"]
+    assert len(result["exact"]) == len(bench.VARIANTS) + 1 and all(result["exact"].values())
+    assert set(result["ms"]["1"]) == set(result["cpu_ms"]["1"]) and len(result["ms"]["1"]) == 9
 
 
 @pytest.mark.cuda

@@ -8,6 +8,13 @@ exactly the same cells. Its bins use float32 ``floor(i * (w / n))`` and ``ceil((
 which round differently from the exact rule now and then; the agreement check reports that.
 
     python tools/bench_pool.py --device cpu --output bench_pool.json
+    python tools/bench_pool.py --variants --threads 1 2 --repeats 7   # docs/pooling.md
+
+``--variants`` times ``pool_windows`` per output layout and dtype (what SPP-net's test-time
+copies use: ``layout="bin"`` into the head's dtype) beside its fixed part (sparse table and
+corner rows) and the memory-bandwidth bound (writing an output-sized buffer once), all taking
+turns in every repeat, at each thread count given; each variant's output is checked against
+the channel-layout float32 one (permuted and rounded).
 
 On a machine shared with other busy processes, libgomp's spinning threads make every parallel
 op wait for a descheduled thread: many-op code such as pool_windows slows down by 10x or more
@@ -17,6 +24,7 @@ with 2+ threads. Measure there with ``--threads 1`` or ``OMP_WAIT_POLICY=PASSIVE
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -39,12 +47,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, nargs="+", default=None,
+        help="torch CPU threads (default: torch's); --variants times each count given",
+    )  # fmt: skip
     p.add_argument("--backward", action="store_true", help="also time forward + backward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--stages", action="store_true",
-        help="instead: time pool_windows' stages (table, corner rows, whole) per map dtype/layout",
+        "--variants", action="store_true",
+        help="instead: time pool_windows per layout / dtype beside its table and the write bound",
+    )  # fmt: skip
+    p.add_argument(
+        "--baseline", type=Path, default=None,
+        help="--variants: also time this older window_pool.py (git show REV:spp_detect/...)",
     )  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
     return p
@@ -62,22 +77,31 @@ def random_windows(num: int, image_hw, gen: torch.Generator) -> torch.Tensor:
 
 def _time(fns: dict, device: str, warmup: int, repeats: int) -> dict:
     """Median and min milliseconds per function; the functions take turns in every repeat so
-    that load changes on a shared machine hit all of them alike."""
+    that load changes on a shared machine hit all of them alike. ``cpu_median_ms``: this
+    process's CPU time (all threads, page faults included); with one thread on a busy machine
+    it leaves out the time other processes held the core, so it varies much less."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             if device == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(1000.0 * (time.perf_counter() - start))
+            cpu[name].append(1000.0 * (time.process_time() - start_cpu))
     return {
-        name: {"median_ms": statistics.median(t), "min_ms": min(t), "all_ms": t}
+        name: {
+            "median_ms": statistics.median(t),
+            "min_ms": min(t),
+            "all_ms": t,
+            "cpu_median_ms": statistics.median(cpu[name]),
+        }
         for name, t in times.items()
     }
 
@@ -125,62 +149,102 @@ def _print_summary(result: dict, args: argparse.Namespace) -> None:
     )
 
 
-def pool_stages(fmap: torch.Tensor, cells: torch.Tensor, levels, repeats: int) -> dict:
-    """Median milliseconds of ``window_pool._pool``'s stages for the map in float32 / bfloat16,
-    contiguous / channels-last (what ``test.fast_conv`` gives it), and of a plain copy of an
-    output-sized buffer (the memory-bandwidth bound: the output must be written once)."""
+# (row name, layout, map dtype, output dtype): the trained layout, and SPP-net's test-time
+# copies (bin layout, pooled into the head's dtype: float32 or bfloat16 for fast_head=bf16).
+VARIANTS = [
+    ("channel float32", "channel", torch.float32, torch.float32),
+    ("bin float32", "bin", torch.float32, torch.float32),
+    ("bin float32 map -> bfloat16", "bin", torch.float32, torch.bfloat16),
+    ("bin bfloat16 map", "bin", torch.bfloat16, torch.bfloat16),
+]
+
+
+def _variant_fns(fmap: torch.Tensor, cells: torch.Tensor, levels, baseline) -> tuple:
+    """The functions ``pool_variants`` times, and whether each variant's output is exact."""
     from spp_detect.modeling import window_pool as wp
+    from spp_detect.modeling import window_pool_table as wpt
 
-    levels = tuple(levels)
-    maps = {
-        "float32": fmap.float(),
-        "bfloat16": fmap.bfloat16(),
-        "float32 channels-last": fmap.float()[None].contiguous(memory_format=CL)[0],
-        "bfloat16 channels-last": fmap.bfloat16()[None].contiguous(memory_format=CL)[0],
-    }
-    out = {}
-    for name, fm in maps.items():
-        t = {"table": [], "corner rows": [], "whole": []}
-        for _ in range(repeats):
-            base_levels, _ = wp._pyramid_plan(levels)
-            anchors, ka, kb = wp._bin_corners(cells, base_levels)
-            t0 = time.perf_counter()
-            table, offsets, widths = wp._build_table(fm, ka, kb)
-            t1 = time.perf_counter()
-            wp._corner_rows(anchors, ka, kb, offsets, widths)
-            t2 = time.perf_counter()
-            res = wp._pool(fm, cells, levels)
-            t3 = time.perf_counter()
-            t["table"].append(t1 - t0)
-            t["corner rows"].append(t2 - t1)
-            t["whole"].append(t3 - t2)
-        out[name] = {k: 1000 * statistics.median(v) for k, v in t.items()}
-        copies = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.empty_like(res).copy_(res)
-            copies.append(time.perf_counter() - t0)
-        out[name]["copy of output"] = 1000 * statistics.median(copies)
-        print(name, {k: round(v, 1) for k, v in out[name].items()}, "ms")
-    return out
+    dim = fmap.shape[0] * sum(n * n for n in levels)
+
+    def table(fm):
+        fm = fm.view(wp._SAME_ORDER_INT[fm.dtype]) if bool(fm.min() >= 0) else fm  # as _pool
+        base_levels, _ = wpt.pyramid_plan(levels)
+        anchors, ka, kb = wpt.bin_corners(cells, base_levels)
+        return wpt.corner_rows(anchors, ka, kb, *wpt.build_table(fm, ka, kb)[1:])
+
+    maps = {dt: fmap.to(dt) for dt in (torch.float32, torch.bfloat16)}
+    fns = {}
+    if baseline is not None:  # another version of window_pool.py, e.g. from git history
+        spec = importlib.util.spec_from_file_location(
+            "spp_detect.modeling.window_pool_baseline", baseline
+        )
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        fns["baseline channel float32"] = lambda: old.pool_windows(
+            maps[torch.float32], cells, levels
+        )
+    for name, lay, m, dt in VARIANTS:
+        fm = maps[m]
+        fns[name] = lambda fm=fm, lay=lay, dt=dt: pool_windows(
+            fm, cells, levels, layout=lay, dtype=dt
+        )
+    for dt, fm in maps.items():
+        fns[f"table + corner rows, {str(dt)[6:]} map"] = lambda fm=fm: table(fm)
+        fns[f"write output once, {str(dt)[6:]} (bound)"] = lambda dt=dt: torch.empty(
+            cells.shape[0], dim, dtype=dt
+        ).fill_(1)
+    ref = pool_windows(maps[torch.float32], cells, levels)
+    order = wp.bin_major_order(fmap.shape[0], levels)
+    want = {name: (ref[:, order] if lay == "bin" else ref).to(dt) for name, lay, _, dt in VARIANTS}
+    want["baseline channel float32"] = ref
+    exact = {name: bool(torch.equal(fns[name](), want[name])) for name in fns if name in want}
+    return fns, exact
 
 
-CL = torch.channels_last
+def pool_variants(fmap: torch.Tensor, cells: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Milliseconds (wall and CPU) of each of ``VARIANTS`` (and of ``args.baseline``), of
+    the fixed part (sparse table and corner rows, per map dtype) and of writing an
+    output-sized buffer once (per dtype: the bound), at each thread count of ``args.threads``;
+    plus whether each variant's output is exact."""
+    levels = tuple(args.levels)
+    fns, exact = _variant_fns(fmap, cells, levels, args.baseline)
+    result = {"exact": exact, "ms": {}, "cpu_ms": {}}
+    default_threads = torch.get_num_threads()
+    for threads in args.threads or [default_threads]:
+        torch.set_num_threads(threads)
+        timed = _time(fns, "cpu", args.warmup, args.repeats)
+        result["ms"][str(threads)] = {k: v["median_ms"] for k, v in timed.items()}
+        result["cpu_ms"][str(threads)] = {k: v["cpu_median_ms"] for k, v in timed.items()}
+    torch.set_num_threads(default_threads)
+    print(
+        f"{cells.shape[0]} windows, conv5 {tuple(fmap.shape)}, levels {list(levels)}; "
+        "median ms, wall / CPU"
+    )
+    head = "".join(f"{t + ' thr':>16}" for t in result["ms"])
+    print(f"{'variant':<40}{head}  exact")
+    for name in fns:
+        times = "".join(
+            f"{result['ms'][t][name]:>9.1f} /{result['cpu_ms'][t][name]:>5.1f}"
+            for t in result["ms"]
+        )
+        print(f"{name:<40}{times}  {exact.get(name, '')}")
+    return result
 
 
 def main(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.stages:
+    if args.variants:
         gen = torch.Generator().manual_seed(args.seed)
         map_hw = (args.image_hw[0] // args.stride, args.image_hw[1] // args.stride)
         fmap = torch.relu(torch.randn(args.channels, *map_hw, generator=gen))
         windows = random_windows(args.windows, args.image_hw, gen)
         cells = project_windows(windows, args.stride, 0.0, map_hw)
-        result = {"stages_ms": pool_stages(fmap, cells, args.levels, args.repeats)}
+        with torch.no_grad():
+            result = {"variants": pool_variants(fmap, cells, args)}
         if args.output is not None:
             args.output.write_text(json.dumps(result, indent=2))
         return result
+    if args.threads:
+        torch.set_num_threads(args.threads[0])
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available")
     gen = torch.Generator().manual_seed(args.seed)

@@ -8,43 +8,62 @@ from it (sec. 4.1). Two steps:
 - :func:`pool_windows` applies the SPP layer to every window's cell range: the same bins as
   :class:`~spp_detect.modeling.spp.SpatialPyramidPooling` (bin ``i`` of ``n`` over a window of
   ``w`` cells starting at ``x1`` covers ``x1 + floor(i*w/n) .. x1 + ceil((i+1)*w/n) - 1``) and
-  the same output layout, so a window covering the whole map gives exactly the SPP layer's output.
+  the same output layout, so a window covering the whole map gives exactly the SPP layer's output;
+  or, for SPP-net's test-time copies, each bin's channels contiguous (``layout="bin"``).
 
 How :func:`pool_windows` avoids a loop over windows (all bins of all windows in a few big ops):
 
-1. Range-max sparse table. ``T[a][b][y, x] = max(F[y : y + 2^a, x : x + 2^b])`` is built by
-   doubling (``T[a][b]`` is the max of two shifted copies of ``T[a][b-1]``, ``T[a][0]`` of
-   ``T[a-1][0]``). Any bin of height ``h`` and width ``w`` is then the max of four (overlapping)
-   blocks of size ``2^a x 2^b``, ``a = floor(log2 h)``, ``b = floor(log2 w)``, anchored at the bin's
-   four corners: four row gathers from the table, stored channels-last so that each gather
-   reads ``C`` contiguous values. Only the ``(a, b)`` the bins use are kept.
+1. Range-max sparse table (``window_pool_table.py``). ``T[a][b][y, x] = max(F[y : y + 2^a,
+   x : x + 2^b])`` is built by doubling. Any bin of height ``h`` and width ``w`` is then the max
+   of four (overlapping) blocks of size ``2^a x 2^b``, ``a = floor(log2 h)``, ``b = floor(log2
+   w)``, anchored at the bin's four corners: four row gathers from the table, stored
+   channels-last so that each gather reads ``C`` contiguous values.
 2. Coarse levels from fine ones. When level ``m`` divides a finer level ``n = m * q``, bins
    ``j*q .. j*q + q - 1`` of level ``n`` cover exactly bin ``j`` of level ``m`` (their first
    start is ``floor(j*w/m)``, their last end ``ceil((j+1)*w/m)``, and neighbouring bins touch or
    overlap), so the 3x3, 2x2 and 1x1 levels are max-reductions of the 6x6 grid: only 36 of
    the 50 bins of the detection pyramid are gathered.
-3. On the CPU the windows are processed in chunks whose gather buffer stays in the cache;
-   allocating one buffer for all ``4 * R * 36 * C`` gathered values costs several times more
-   (page faults and memory traffic) than the gathers themselves.
-4. Gradient: the backward sends each bin's gradient to its maximal cell, found by pooling the
+3. Fewer gathers. A bin whose height (width) is a power of two is covered by one block row
+   (column), so it needs 2 or 1 of its 4 corners: 1.66 gathers per bin instead of 4 for
+   proposal-like windows (``window_pool_table.CornerPlan``).
+4. On the CPU the windows are processed in chunks whose gather buffer stays in the cache;
+   allocating one buffer for all gathered values costs several times more (page faults and
+   memory traffic) than the gathers themselves. Each chunk's bins go straight into its rows of
+   the preallocated result. In the ``"bin"`` layout that is all; the SPP layer's ``(C, n, n)``
+   layout costs one more transposing copy per level (docs/pooling.md).
+5. Maps without negative values (conv5 after its ReLU) are pooled through their bit patterns
+   as integers, which order alike and need no conversion to compare.
+6. Gradient: the backward sends each bin's gradient to its maximal cell, found by pooling the
    ranks of the cells' values with the same code (see ``_PoolWindows``).
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .spp import DEFAULT_LEVELS, check_levels
+from .window_pool_table import (
+    bin_corners,
+    build_table,
+    corner_rows,
+    derived_levels,
+    gather_base_bins,
+    level_starts,
+    plan_corners,
+    pyramid_plan,
+    write_channel_major,
+)
 
-__all__ = ["project_windows", "pool_windows"]
+__all__ = ["POOLED_LAYOUTS", "project_windows", "pool_windows", "bin_major_order"]
 
-# Bytes of the per-chunk gather buffer on the CPU (4 row gathers per base bin), small enough to
-# stay in cache. CPU time for 2000 windows on a 256 x 43 x 57 map, 1 thread (2-core EPYC, 32 MiB
-# L3, best of 7): 2 MiB 184 ms, 4 MiB 200, 8 MiB 238, 16 MiB 251, 32 MiB 269, one chunk ~2x.
+# Bytes of the per-chunk gather buffer on the CPU (room for 4 row gathers per base bin, of which
+# ~40% are used), small enough to stay in cache. CPU time of 2000 windows on a 256 x 43 x 57 map
+# in the bin layout, float32 / bfloat16, 1 thread (2-core EPYC, 32 MiB L3, busy machine, median
+# of 7): 1 MiB 86 / 48 ms, 2 MiB 68 / 39, 4 MiB 61 / 35, 8 MiB 63 / 36, 16 MiB 70 / 38.
 _CHUNK_BYTES = 4 << 20
 
 
@@ -143,9 +162,21 @@ def _check_hw(feature_hw: Sequence[int]) -> Tuple[int, int]:
 # Pyramid pooling of cell ranges
 # --------------------------------------------------------------------------------------------
 
+# Layouts of a pooled window vector. "channel": the SPP layer's, per level ``C x n x n``
+# (channel-major), what a trained fc6 reads. "bin": per level ``n x n x C``, each bin's C
+# channels contiguous, as the table gathers produce them: no transpose; a test-time head whose
+# fc6 input columns are permuted by :func:`bin_major_order` reads it (``SPPDetector``).
+POOLED_LAYOUTS = ("channel", "bin")
+
 
 def pool_windows(
-    feature_map: Tensor, cells: Tensor, levels: Sequence[int] = DEFAULT_LEVELS
+    feature_map: Tensor,
+    cells: Tensor,
+    levels: Sequence[int] = DEFAULT_LEVELS,
+    *,
+    layout: str = "channel",
+    dtype: Optional[torch.dtype] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """Spatial pyramid max pooling of many windows of one feature map (SPP-net sec. 2.3, 4.1).
 
@@ -159,13 +190,23 @@ def pool_windows(
         cells (LongTensor[R, 4]): inclusive cell ranges ``x1, y1, x2, y2`` on the feature map
             (from :func:`project_windows`), ``0 <= x1 <= x2 < W``, ``0 <= y1 <= y2 < H``.
         levels: pyramid levels, bins per side; ``(6, 3, 2, 1)`` in the paper's detector.
+        layout: ``"channel"`` (the SPP layer's) or ``"bin"`` (see ``POOLED_LAYOUTS``).
+        dtype: dtype of the result (default: the map's). The map is cast first; rounding is
+            monotonic, so max pooling commutes with it: pooling into bfloat16 gives exactly the
+            float32 result rounded, with half the bytes to build and write.
+        out: a contiguous tensor of the result's shape, dtype and device to write into (e.g.
+            one scale's block of rows of a multi-scale result); not with autograd.
     Returns:
-        Tensor[R, C * sum(n * n)]: dtype and device of ``feature_map``; per window the levels
-        in the given order, each flattened as ``(C, n, n)``. ``R = 0`` gives ``[0, C * sum(n*n)]``.
-        Differentiable with respect to ``feature_map`` (once): like max pooling, each bin's
-        gradient goes to one maximal cell of the bin (when cells tie, to one of them).
+        Tensor[R, C * sum(n * n)] on the map's device: per window the levels in the given
+        order, each flattened as ``(C, n, n)`` (``layout="channel"``) or ``(n, n, C)``
+        (``"bin"``, equal to the channel layout's ``[:, bin_major_order(C, levels)]``).
+        ``R = 0`` gives ``[0, C * sum(n * n)]``. Differentiable with respect to
+        ``feature_map`` (once): like max pooling, each bin's gradient goes to one maximal cell
+        of the bin (when cells tie, to one of them).
     """
     levels = check_levels(levels)
+    if layout not in POOLED_LAYOUTS:
+        raise ValueError(f"layout must be one of {POOLED_LAYOUTS}, got {layout!r}")
     if feature_map.ndim != 3 or min(feature_map.shape) < 1:
         raise ValueError(
             f"feature_map must be Tensor[C, H, W] with C, H, W >= 1, "
@@ -175,18 +216,45 @@ def pool_windows(
         raise ValueError(f"cells must be LongTensor[R, 4] x1,y1,x2,y2, got {tuple(cells.shape)}")
     if cells.dtype.is_floating_point or cells.is_complex() or cells.dtype == torch.bool:
         raise ValueError(f"cells must be an integer tensor of cell indices, got {cells.dtype}")
+    if dtype is not None:
+        feature_map = feature_map.to(dtype)
     channels, height, width = feature_map.shape
+    shape = (cells.shape[0], channels * sum(n * n for n in levels))
     grad = torch.is_grad_enabled() and feature_map.requires_grad
+    if out is not None:
+        _check_out(out, shape, feature_map, grad)
     if cells.shape[0] == 0:
-        empty = feature_map.new_zeros((0, channels * sum(n * n for n in levels)))
+        if out is not None:
+            return out
+        empty = feature_map.new_zeros(shape)
         # keep the autograd graph (a zero gradient) so a loss over no windows still backprops
         return empty + 0 * feature_map.sum() if grad else empty
     cells = cells.to(device=feature_map.device, dtype=torch.long)
     _check_cells(cells, height, width)
     if grad:
-        return _PoolWindows.apply(feature_map, cells, levels)
+        return _PoolWindows.apply(feature_map, cells, levels, layout)
     with torch.no_grad():
-        return _pool(feature_map, cells, levels)
+        return _pool(feature_map, cells, levels, layout, out)
+
+
+def bin_major_order(channels: int, levels: Sequence[int] = DEFAULT_LEVELS) -> Tensor:
+    """Where each value of the ``"bin"`` layout sits in the ``"channel"`` layout.
+
+    Returns:
+        LongTensor[C * sum(n * n)] ``order``: ``pool_windows(f, c, levels, layout="bin")``
+        equals ``pool_windows(f, c, levels)[:, order]``, so a linear map with weight
+        ``W`` (``out x D``) on the channel layout is the map with weight ``W[:, order]`` on
+        the bin layout (the same products, summed in another order).
+    """
+    levels = check_levels(levels)
+    channel = torch.arange(int(channels))
+    parts, start = [], 0
+    for n in levels:
+        bins = torch.arange(n * n)
+        # bin b, channel c of this level: at b * C + c in the bin layout, c * n^2 + b in the other
+        parts.append((start + channel[None, :] * (n * n) + bins[:, None]).reshape(-1))
+        start += int(channels) * n * n
+    return torch.cat(parts)
 
 
 class _PoolWindows(torch.autograd.Function):
@@ -200,14 +268,16 @@ class _PoolWindows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, feature_map: Tensor, cells: Tensor, levels: Tuple[int, ...]) -> Tensor:
+    def forward(
+        ctx, feature_map: Tensor, cells: Tensor, levels: Tuple[int, ...], layout: str
+    ) -> Tensor:
         feature_map = feature_map.detach()
-        out = _pool(feature_map, cells, levels)
+        out = _pool(feature_map, cells, levels, layout)
         order = feature_map.reshape(-1).argsort()  # cell of each rank, [C * H * W]
         rank_dtype = torch.int32 if order.numel() < 2**31 else torch.int64
         ranks = torch.arange(order.numel(), dtype=rank_dtype, device=order.device)
         rank = torch.empty_like(ranks).scatter_(0, order, ranks)  # rank of each cell
-        ctx.save_for_backward(_pool(rank.view(feature_map.shape), cells, levels), order)
+        ctx.save_for_backward(_pool(rank.view(feature_map.shape), cells, levels, layout), order)
         ctx.map_shape = feature_map.shape
         return out
 
@@ -218,45 +288,86 @@ class _PoolWindows(torch.autograd.Function):
         grad_by_rank = grad_out.new_zeros(order.shape)
         grad_by_rank.index_add_(0, pooled_rank.reshape(-1), grad_out.reshape(-1))
         grad = torch.empty_like(grad_by_rank).scatter_(0, order, grad_by_rank)
-        return grad.view(ctx.map_shape), None, None
+        return grad.view(ctx.map_shape), None, None, None
 
 
-def _pool(feature_map: Tensor, cells: Tensor, levels: Tuple[int, ...]) -> Tensor:
+def _pool(
+    feature_map: Tensor,
+    cells: Tensor,
+    levels: Tuple[int, ...],
+    layout: str,
+    out: Optional[Tensor] = None,
+) -> Tensor:
     """The pooling itself, without autograd, for any real or integer dtype.
+
+    Per chunk of windows: one gather of the corner rows the chunk's base bins need (see
+    ``window_pool_table.CornerPlan``), their max, the base bins written straight into the
+    chunk's rows of the result (bin layout) or of a small buffer (channel layout, transposed per
+    level afterwards), and the derived levels reduced from their source level there.
 
     Args:
         feature_map (Tensor[C, H, W]), cells (LongTensor[R, 4]) valid, R >= 1, levels checked.
     Returns:
-        Tensor[R, C * sum(n * n)], the layout of :func:`pool_windows`.
+        Tensor[R, C * sum(n * n)] in ``layout``, the map's dtype (``out`` when given).
     """
+    bits = _SAME_ORDER_INT.get(feature_map.dtype)
+    if bits is not None and bool(feature_map.min() >= 0):
+        # Non-negative IEEE floats (conv5 after its ReLU) order like their bit patterns read as
+        # signed integers, and integer max needs no conversion: on the CPU it runs 3x faster
+        # than bfloat16's (the same values come out; -0.0 may lose to an equal +0.0).
+        out_bits = None if out is None else out.view(bits)
+        pooled = _pool(feature_map.view(bits), cells, levels, layout, out_bits)
+        return pooled.view(feature_map.dtype)
     channels = feature_map.shape[0]
     num_windows = cells.shape[0]
-    base_levels, sources = _pyramid_plan(levels)
-    anchors, ka, kb = _bin_corners(cells, base_levels)
-    table, offsets, widths = _build_table(feature_map, ka, kb)
-    # Rows of the table holding the 4 corner blocks of every base bin: [R, 4, B].
-    rows = _corner_rows(anchors, ka, kb, offsets, widths)
+    num_bins = sum(n * n for n in levels)
+    base_levels, sources = pyramid_plan(levels)
+    anchors, ka, kb = bin_corners(cells, base_levels)
+    table, offsets, widths = build_table(feature_map, ka, kb)
+    rows = corner_rows(anchors, ka, kb, offsets, widths)  # [R, 4, B]
     num_base = rows.shape[2]
-
-    out = feature_map.new_empty((num_windows, channels * sum(n * n for n in levels)))
     chunk = num_windows
     if feature_map.device.type == "cpu":
         row_bytes = 4 * num_base * channels * feature_map.element_size()
         chunk = max(1, min(num_windows, _CHUNK_BYTES // row_bytes))
-    gathered = feature_map.new_empty((chunk * 4 * num_base, channels))
-    base = feature_map.new_empty((chunk, num_base, channels))
-    for start in range(0, num_windows, chunk):
+    starts = level_starts(levels)
+    slots = [slice(starts[n], starts[n] + n * n) for n in base_levels]
+    plan = plan_corners(rows, chunk, slots, num_bins)
+
+    if out is None:
+        out = feature_map.new_empty((num_windows, num_bins * channels))
+    gathered = feature_map.new_empty((4 * chunk * num_base, channels))
+    work = None if layout == "bin" else feature_map.new_empty((chunk, num_bins, channels))
+    for index, start in enumerate(range(0, num_windows, chunk)):
         stop = min(num_windows, start + chunk)
         k = stop - start
-        g = gathered[: k * 4 * num_base]
-        torch.index_select(table, 0, rows[start:stop].reshape(-1), out=g)
-        v = torch.amax(g.view(k, 4, num_base, channels), dim=1, out=base[:k])
-        col = 0
-        for n, p in zip(levels, _levels_from_base(v, levels, base_levels, sources)):
-            dst = out[start:stop, col : col + channels * n * n].view(k, channels, n * n)
-            dst.copy_(p.transpose(1, 2))  # (bins, C) -> the SPP layer's (C, n, n) layout
-            col += channels * n * n
+        bins = out[start:stop].view(k, num_bins, channels) if work is None else work[:k]
+        gather_base_bins(table, plan, index, slice(start, stop), gathered, bins.view(-1, channels))
+        derived_levels(bins, levels, sources)
+        if work is not None:
+            write_channel_major(bins, out[start:stop], levels)
     return out
+
+
+# Signed integer dtype of each float dtype's width (see ``_pool``).
+_SAME_ORDER_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def _check_out(out: Tensor, shape: Tuple[int, int], feature_map: Tensor, grad: bool) -> None:
+    if grad:
+        raise ValueError("pool_windows: out= is for pooling without autograd")
+    if (tuple(out.shape), out.dtype, out.device) != (shape, feature_map.dtype, feature_map.device):
+        raise ValueError(
+            f"out must be {feature_map.dtype} {list(shape)} on {feature_map.device}, got "
+            f"{out.dtype} {list(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
 
 
 def _check_cells(cells: Tensor, height: int, width: int) -> None:
@@ -268,170 +379,3 @@ def _check_cells(cells: Tensor, height: int, width: int) -> None:
             f"cells must satisfy 0 <= x1 <= x2 < W={width} and 0 <= y1 <= y2 < H={height}; "
             f"{int(bad.sum())} of {cells.shape[0]} rows do not, e.g. row {i}: {cells[i].tolist()}"
         )
-
-
-def _pyramid_plan(levels: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Dict[int, int]]:
-    """Split levels into base levels (gathered from the table) and derived ones.
-
-    Returns:
-        base_levels: distinct levels that no finer level of the pyramid is a multiple of,
-            largest first.
-        sources: derived level ``m`` -> the smallest finer level ``n`` with ``n % m == 0``.
-    """
-    distinct = sorted(set(levels), reverse=True)
-    sources: Dict[int, int] = {}
-    base: List[int] = []
-    for m in distinct:
-        finer = [n for n in distinct if n > m and n % m == 0]
-        if finer:
-            sources[m] = min(finer)
-        else:
-            base.append(m)
-    return tuple(base), sources
-
-
-def _bins(start: Tensor, length: Tensor, n: int) -> Tuple[Tensor, Tensor]:
-    """Bins of ``n`` per window: first cell ``[R, n]`` and length ``[R, n]`` (``>= 1``)."""
-    i = torch.arange(n, device=start.device)
-    lo = (i * length[:, None]) // n  # floor(i * w / n)
-    hi = -((-(i + 1) * length[:, None]) // n)  # ceil((i + 1) * w / n), exclusive
-    return start[:, None] + lo, hi - lo
-
-
-def _floor_log2(x: Tensor) -> Tensor:
-    """``floor(log2(x))`` for integer ``x >= 1``, exactly (no float log)."""
-    k = torch.zeros_like(x)
-    for j in range(1, int(x.max()).bit_length()):
-        k += x >= (1 << j)
-    return k
-
-
-def _bin_corners(
-    cells: Tensor, base_levels: Tuple[int, ...]
-) -> Tuple[List[Tuple[Tensor, Tensor, Tensor, Tensor]], List[Tensor], List[Tensor]]:
-    """Per base level: the two block anchors on each side of every bin, and the block sizes.
-
-    For a bin starting at ``y0`` with ``h`` cells, ``a = floor(log2 h)`` and the two blocks of
-    height ``2^a`` start at ``y0`` and ``y0 + h - 2^a``: together they cover the bin exactly.
-    Returns per base level ``(y_first, y_second, x_first, x_second)`` (each ``[R, n]``) and the
-    exponents ``ka`` (rows) and ``kb`` (columns), each ``[R, n]``.
-    """
-    x1, y1, x2, y2 = cells.unbind(1)
-    anchors, ka, kb = [], [], []
-    for n in base_levels:
-        ys, yl = _bins(y1, y2 - y1 + 1, n)
-        xs, xl = _bins(x1, x2 - x1 + 1, n)
-        a, b = _floor_log2(yl), _floor_log2(xl)
-        anchors.append((ys, ys + yl - (1 << a), xs, xs + xl - (1 << b)))
-        ka.append(a)
-        kb.append(b)
-    return anchors, ka, kb
-
-
-def _build_table(
-    feature_map: Tensor, ka: List[Tensor], kb: List[Tensor]
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Range-max sparse table, channels-last, with only the block sizes the bins use.
-
-    Returns:
-        table (Tensor[M, C]): row ``offsets[a, b] + y * widths[b] + x`` holds
-            ``max(feature_map[:, y : y + 2^a, x : x + 2^b])`` (valid anchors only:
-            ``y <= H - 2^a``, ``x <= W - 2^b``, so the map of ``(a, b)`` is ``H - 2^a + 1`` rows of
-            ``widths[b] = W - 2^b + 1``).
-        offsets (LongTensor[A, B]): first row of each ``(a, b)`` map (-1 where not stored).
-        widths (LongTensor[B]).
-    """
-    channels, height, width = feature_map.shape
-    max_a = max(int(a.max()) for a in ka)
-    max_b = max(int(b.max()) for b in kb)
-    # Which (a, b) pairs some bin uses: every row bin of a window meets every column bin.
-    pairs = torch.cat(
-        [(a[:, :, None] * (max_b + 1) + b[:, None, :]).reshape(-1) for a, b in zip(ka, kb)]
-    )
-    used = torch.bincount(pairs, minlength=(max_a + 1) * (max_b + 1)).view(max_a + 1, max_b + 1)
-    used = (used > 0).tolist()
-
-    widths = [width - (1 << b) + 1 for b in range(max_b + 1)]
-    offsets = [[-1] * (max_b + 1) for _ in range(max_a + 1)]
-    total = 0
-    for a in range(max_a + 1):
-        for b in range(max_b + 1):
-            if used[a][b]:
-                offsets[a][b] = total
-                total += (height - (1 << a) + 1) * widths[b]
-    table = feature_map.new_empty((total, channels))
-
-    def double(a: int, b: int, v: Tensor, dim: int, shift: int) -> Tensor:
-        """Blocks twice as long along ``dim``: the max of two copies shifted by ``shift``,
-        written straight into the table when the ``(a, b)`` map is used."""
-        v0, v1 = v.narrow(dim, 0, v.shape[dim] - shift), v.narrow(dim, shift, v.shape[dim] - shift)
-        if not used[a][b]:
-            return torch.maximum(v0, v1)
-        dst = table[offsets[a][b] : offsets[a][b] + v0.shape[0] * v0.shape[1]]
-        return torch.maximum(v0, v1, out=dst.view(v0.shape))
-
-    column = feature_map.permute(1, 2, 0)  # T[0][0], channels-last [H, W, C]
-    if used[0][0]:
-        column = table[: height * width].view(height, width, channels).copy_(column)
-    else:
-        column = column.contiguous()
-    last_a = max(a for a in range(max_a + 1) if any(used[a]))
-    for a in range(last_a + 1):
-        if a > 0:  # T[a][0] from T[a-1][0]: double the height
-            column = double(a, 0, column, dim=0, shift=1 << (a - 1))
-        row = column
-        last_b = max((b for b in range(max_b + 1) if used[a][b]), default=-1)
-        for b in range(1, last_b + 1):  # T[a][b] from T[a][b-1]: double the width
-            row = double(a, b, row, dim=1, shift=1 << (b - 1))
-    device = feature_map.device
-    return (
-        table,
-        torch.tensor(offsets, dtype=torch.long, device=device),
-        torch.tensor(widths, dtype=torch.long, device=device),
-    )
-
-
-def _corner_rows(
-    anchors: List[Tuple[Tensor, Tensor, Tensor, Tensor]],
-    ka: List[Tensor],
-    kb: List[Tensor],
-    offsets: Tensor,
-    widths: Tensor,
-) -> Tensor:
-    """Table rows of the four corner blocks of every base bin: ``LongTensor[R, 4, B]``.
-
-    ``B`` is the number of base bins per window, base levels in order, each ``n x n`` row-major.
-    """
-    per_level = []
-    for (y0, y1, x0, x1), a, b in zip(anchors, ka, kb):
-        num_windows, n = y0.shape
-        off = offsets[a[:, :, None], b[:, None, :]]  # [R, n, n]
-        wid = widths[b][:, None, :]  # [R, 1, n]
-        top, bottom = off + y0[:, :, None] * wid, off + y1[:, :, None] * wid
-        left, right = x0[:, None, :], x1[:, None, :]
-        corners = torch.stack([top + left, top + right, bottom + left, bottom + right], dim=1)
-        per_level.append(corners.reshape(num_windows, 4, n * n))
-    return torch.cat(per_level, dim=2)
-
-
-def _levels_from_base(
-    base: Tensor, levels: Tuple[int, ...], base_levels: Tuple[int, ...], sources: Dict[int, int]
-) -> List[Tensor]:
-    """Per requested level, ``Tensor[R, n * n, C]`` from the base bins ``Tensor[R, B, C]``.
-
-    A derived level ``m`` with source ``n = m * q`` is the max over each ``q x q`` group of the
-    source level's bins (exact: see the module docstring).
-    """
-    num_windows, _, channels = base.shape
-    pooled: Dict[int, Tensor] = {}
-    start = 0
-    for n in base_levels:
-        pooled[n] = base[:, start : start + n * n]
-        start += n * n
-    for m in sorted(sources, reverse=True):  # finer first: a source is ready before its use
-        n = sources[m]
-        q = n // m
-        grid = pooled[n].reshape(num_windows, m, q, m, q, channels)
-        # Two single-dim reductions: amax over dims (2, 4) at once is ~20x slower on the CPU.
-        pooled[m] = grid.amax(dim=4).amax(dim=2).reshape(num_windows, m * m, channels)
-    return [pooled[n] for n in levels]
