@@ -86,6 +86,8 @@ def run_user_command(main: Callable[[argparse.Namespace], Any], args: argparse.N
     which is a bug: its traceback is printed (on the other ranks of a torchrun job: one line
     naming the rank that failed).
     """
+    # Huge pages for torch's big CPU buffers: page faults were 24 of pooling's 31 ms, 6 with.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from .distributed import RankFailedError, process_group
     from .utils import limit_heap_growth
 
