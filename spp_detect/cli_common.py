@@ -29,13 +29,8 @@ __all__ = [
 
 # Operating-system errors about a path the user gave (a missing input, an existing output, a
 # folder where a file was expected, no permission): the user's to fix, like UserInputError.
-USER_OS_ERRORS = (
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                  PermissionError)  # fmt: skip
 
 
 def positive_int(text: str) -> int:
