@@ -207,9 +207,12 @@ def test_pool_matches_loop(levels, monkeypatch):
         fmap = torch.randn(3, height, width, generator=gen, dtype=torch.float64)
         cells = random_cells(gen, 6, height, width)
         expected = ref_pool(fmap, cells, levels)
-        out = pool_windows(fmap, cells, levels)
+        out = pool_windows(fmap, cells, levels)  # few windows: one by one (_pool_each)
         assert out.shape == (cells.shape[0], 3 * num_bins) and out.dtype == torch.float64
         assert torch.equal(out, expected), (height, width)
+        with monkeypatch.context() as m:  # the same windows through the range-max table
+            m.setattr(window_pool, "_FEW_WINDOWS", 0)
+            assert torch.equal(pool_windows(fmap, cells, levels), expected), (height, width)
         if i % 4 == 0:
             # autograd path (also records the argmax cells), and one window per CPU chunk
             grad_out = pool_windows(fmap.clone().requires_grad_(), cells, levels)
