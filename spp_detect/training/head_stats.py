@@ -68,9 +68,9 @@ def head_response_stats(
         total = stats[name]["total_variance"] or 1.0
         kept = {r: float(ev[:r].sum()) / total for r in (64, 256, 1024) if r <= ev.numel()}
         logger.info(
-            "%s responses on %d windows: variance in the top %s directions",
+            "%s responses on %d windows: share of their variance in the top k directions: %s",
             name,
             stats["windows"],
-            ", ".join(f"{r}: {v:.3f}" for r, v in kept.items()),
+            ", ".join(f"k={r} {v:.3f}" for r, v in kept.items()),
         )
     return stats
