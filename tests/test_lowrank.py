@@ -155,8 +155,8 @@ def test_speed_report_fast_method_is_low_rank_for_both_methods_or_for_neither():
     )
     for m in ("spp-1scale-fast", "rcnn"):
         opts = info[m]["test_options"]
-        assert opts["svd_ranks"] == [4, 4] and opts["svd_method"] == "responses", m
-        assert [lin.out_features for lin in dets[m].head.fc6] == [4, 64]
+        assert opts["svd_ranks"] == [8, 8] and opts["svd_method"] == "responses", m
+        assert [lin.out_features for lin in dets[m].head.fc6] == [8, 64]
     assert info["spp-1scale"]["test_options"]["svd_ranks"] == [0, 0]
 
     model = dets["spp-1scale"]
