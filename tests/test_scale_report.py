@@ -88,3 +88,10 @@ def test_scale_report_on_two_tiny_sizes(tmp_path):
     md = (out / "scale.md").read_text()
     assert "VOC07" in md and "COCO train2017" in md and "tools/scale_report.py" in md
     assert ("**flat**" in md) == report["peak_rss_flat"]
+    assert report["sizes_missing"] == []
+    # A rerun with the same settings reuses both sizes (n<N>/measured.json): same figures, and
+    # nothing trained again.
+    models = {n: (out / f"n{n}" / "train" / "model.pt").stat().st_mtime_ns for n in (2, 4)}
+    again = scale_report.main(args)
+    assert json.loads(json.dumps(again["sizes"])) == saved["sizes"]
+    assert {n: (out / f"n{n}" / "train" / "model.pt").stat().st_mtime_ns for n in (2, 4)} == models

@@ -212,6 +212,10 @@ def measure_size(
     from spp_detect.datasets.toy_voc import make_toy_voc
 
     folder = Path(output) / f"n{n}"
+    done = _finished_size(folder, n, overrides, config, method, device, weights, image_size, seed)
+    if done is not None:
+        logger.info("scale report: N=%d: measured before (%s), reused", n, folder / _MEASURED)
+        return done
     for sub in ("cache", "train", "test", "test_cache"):  # measure from scratch
         shutil.rmtree(folder / sub, ignore_errors=True)
     t = time.perf_counter()
@@ -228,6 +232,40 @@ def measure_size(
     train = _run_child(dict(spec, job="train"), folder)
     logger.info("scale report: N=%d: testing", n)
     test = _run_child(dict(spec, job="test"), folder)
+    measured = collect_size(folder, n, train, test, generate, method)
+    key = _size_key(n, overrides, config, method, device, weights, image_size, seed)
+    atomic_write_json(folder / _MEASURED, {"key": key, "measured": measured})
+    return measured
+
+
+# One size's measurements, kept so that a rerun of the report (after an interruption, or with
+# more sizes) reuses the sizes already measured with the same settings.
+_MEASURED = "measured.json"
+
+
+def _size_key(n, overrides, config, method, device, weights, image_size, seed) -> Dict[str, Any]:
+    return dict(
+        n=n, overrides=list(overrides), config=config, method=method, device=device,
+        weights=weights, image_size=list(image_size), seed=seed,
+    )  # fmt: skip
+
+
+def _finished_size(folder: Path, n, overrides, config, method, device, weights, image_size, seed):
+    path = folder / _MEASURED
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    key = _size_key(n, overrides, config, method, device, weights, image_size, seed)
+    return saved.get("measured") if saved.get("key") == key else None
+
+
+def collect_size(
+    folder: Path, n: int, train: Dict[str, Any], test: Dict[str, Any], generate, method: str
+) -> Dict[str, Any]:
+    """One size's measurements from its training and test jobs' results and its folders."""
     cache = folder / "cache"
     train_dir = folder / "train"
     feature_dir = cache / ("conv_features" if method == "spp" else "rcnn_features")
@@ -281,17 +319,28 @@ def run_scale_report(
     command: str = "",
 ) -> Dict[str, Any]:
     """Measure every size, fit, extrapolate; writes ``scale.json``, ``scale.md`` and
-    ``scale.png`` into ``output`` and returns the report."""
-    from spp_detect.benchmark.machine import machine_info
-
+    ``scale.png`` into ``output`` (again after each size from the second on, so an
+    interrupted run leaves a report of what it measured) and returns the report. A size
+    measured before in ``output`` with the same settings is reused (``n<N>/measured.json``)."""
     if len(sizes) < 2 or len(set(sizes)) != len(sizes) or min(sizes) < 1:
         raise UserInputError(f"--sizes: need two or more different positive sizes, got {sizes}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    measured = [
-        measure_size(n, output, overrides, config, method, device, weights, image_size)
-        for n in sorted(sizes)
-    ]
+    measured: List[Dict[str, Any]] = []
+    for n in sorted(sizes):
+        measured.append(
+            measure_size(n, output, overrides, config, method, device, weights, image_size)
+        )
+        if len(measured) >= 2:  # a partial report as soon as there is something to fit
+            report = _report(measured, sizes, command, method, device, weights, image_size,
+                             overrides, config)  # fmt: skip
+            write_scale_report(report, output)
+    return report
+
+
+def _report(measured, sizes, command, method, device, weights, image_size, overrides, config):
+    from spp_detect.benchmark.machine import machine_info
+
     report: Dict[str, Any] = {
         "command": command,
         "machine": _machine_line(machine_info),
@@ -304,9 +353,10 @@ def run_scale_report(
         "stages": list(STAGES),
         "targets": {k: list(v) for k, v in TARGETS.items()},
         "sizes": measured,
+        # Sizes asked for but not measured yet (an interrupted or unfinished run).
+        "sizes_missing": sorted(set(sizes) - {m["n_train"] for m in measured}),
     }
     report.update(analyse_sizes(measured))
-    write_scale_report(report, output)
     return report
 
 
