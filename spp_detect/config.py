@@ -234,10 +234,8 @@ class TestConfig:
     # dominate SPP-net, it matters more.
     svd_fc6: int = 0
     svd_fc7: int = 0
-    # How those ranks are chosen: "weights" (truncated SVD of W, Fast R-CNN) or "responses"
-    # (the principal directions of each layer's responses on training windows, saved in the
-    # model by training; Zhang et al. 2015; modeling/lowrank.py). Our fc layers start from
-    # random init, whose flat spectrum the weight SVD cannot cut; see docs/speed.md.
+    # How: "weights" (truncated SVD of W, Fast R-CNN) or "responses" (principal directions of
+    # each layer's responses on training windows, saved by training; modeling/lowrank.py).
     svd_method: str = "weights"
     # Test-time arithmetic of fc6/fc7 (issue 11; modeling/fast_head.py): "off" (float32, as
     # trained), "bf16" (bfloat16 weights and activations, float32 accumulation) or "int8"

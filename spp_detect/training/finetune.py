@@ -213,8 +213,8 @@ def finetune_head(
     draws its own mini-batches from the whole training set (``WindowPool`` and dropout seeded
     by ``(seed, rank)``; rank 0 by one process's seed) and DDP averages the gradients: an
     effective batch of K x 128 windows at the configured lr (not scaled with K), for the same
-    number of iterations. The fc6 input scale is measured on rank 0 and broadcast; head,
-    optimizer and scheduler stay identical on every rank; the log covers every rank's windows.
+    number of iterations. The fc6 input scale is measured on rank 0 and broadcast; the log
+    covers every rank's windows.
 
     Args:
         detector: a ``WindowDetector``; only ``detector.head`` is trained.
@@ -257,8 +257,7 @@ def finetune_head(
     head.train()
     t0 = time.perf_counter()
     log_every, pool_size = max(1, iterations // 20), pool_batches(cfg, source)
-    if pool_size != cfg.pool_batches:
-        logger.info("fine-tuning: windows pooled on demand, %d mini-batches per refill", pool_size)
+    logger.info("fine-tuning: %d mini-batches per refill of the window pool", pool_size)
     batches = pool.batches(pool_size)
     bar = tqdm(
         range(run.start, iterations), desc="fine-tune fc6/fc7/cls_score", unit="it",
