@@ -3,6 +3,9 @@ trained shapes, set directly (no training run), so that ``detect`` and ``save`` 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from spp_detect.modeling.base import WindowDetector
@@ -34,3 +37,11 @@ def random_heads(
     detector.svms = svms.to(detector.device)
     detector.bbox_regressor = reg.to(detector.device)
     return detector
+
+
+def load_tool(path: Path, name: str):
+    """A ``tools/*.py`` script imported as a module (the tools are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -31,3 +31,11 @@ def full_fp32_on_cuda(monkeypatch):
     relative), restored after the test."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.fixture
+def restore_threads():
+    """Benchmarks set torch's thread count; put it back after the test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -3,7 +3,6 @@ table on a tiny generated set against selective search and a float64 IoU loop.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,22 +15,17 @@ from spp_detect.datasets.toy_voc import make_toy_voc
 from spp_detect.proposals.selective_search import selective_search
 from spp_detect.proposals.settings import ProposalSettings
 
+from bench_helpers import load_tool  # noqa: E402
+
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_proposals.py"
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("_tool_bench_proposals", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(TOOL, "_tool_bench_proposals")
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def test_recall_hand_worked(tool):

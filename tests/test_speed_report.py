@@ -3,7 +3,6 @@ and the markdown table recomputed from the per-image stage times, the extrapolat
 files, the mAP equal to ``test_detector``'s on the same images, and one-line user errors. No
 timing assertions (speed targets live in benchmarks)."""
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -21,7 +20,7 @@ from spp_detect.inference import dataset as inference  # not `test_detector`: py
 from spp_detect.modeling.build import build_detector
 from spp_detect.proposals.settings import ProposalSettings
 
-from bench_helpers import random_heads  # noqa: E402
+from bench_helpers import load_tool as load_bench_tool, random_heads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "speed_report.py"
@@ -35,17 +34,10 @@ FAST = [
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("speed_report", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_tool(TOOL, "speed_report")
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture(scope="module")
