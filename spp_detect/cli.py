@@ -235,16 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     run: Callable[[argparse.Namespace], Any] = _COMMANDS[args.command][1]
-    result: Dict[str, Any] = {}
-
-    def call(a: argparse.Namespace) -> Any:
-        result["value"] = run(a)
-        return result["value"]
-
-    code = run_user_command(call, args)
-    if code == 0 and args.command == "detect":
-        code = _detect_exit_code(result["value"])
-    return code
+    return run_user_command(run, args, _detect_exit_code if args.command == "detect" else None)
 
 
 if __name__ == "__main__":

@@ -9,23 +9,15 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from .errors import UserInputError
 
 __all__ = [
-    "positive_int",
-    "non_negative_int",
-    "setup_logging",
-    "run_user_command",
-    "add_train_args",
-    "train_from_args",
-    "dataset_from_args",
-    "add_test_args",
-    "test_from_args",
-    "add_bench_args",
+    "positive_int", "non_negative_int", "setup_logging", "run_user_command", "add_train_args",
+    "train_from_args", "dataset_from_args", "add_test_args", "test_from_args", "add_bench_args",
     "bench_from_args",
-]
+]  # fmt: skip
 
 # Operating-system errors about a path the user gave (a missing input, an existing output, a
 # folder where a file was expected, no permission): the user's to fix, like UserInputError.
@@ -72,10 +64,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def run_user_command(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Run ``main(args)`` and return the exit code.
+def run_user_command(
+    main: Callable[[argparse.Namespace], Any],
+    args: argparse.Namespace,
+    result_code: Optional[Callable[[Any], int]] = None,
+) -> int:
+    """Run ``main(args)`` and return the exit code (on success ``result_code(result)`` if given).
 
-    Under ``torchrun`` it runs inside ``distributed.process_group()`` (one rank per process).
+    Under ``torchrun`` it runs inside ``distributed.process_group()`` (one rank per process),
+    and the rank then ends with that code (``distributed.exit_rank``) instead of returning.
     0: success. 2: the user's mistake (``UserInputError``, or an ``OSError`` about a path in
     ``USER_OS_ERRORS``): one line on stderr, no traceback. 130: interrupted. 1: anything else,
     which is a bug: its traceback is printed (on the other ranks of a torchrun job: one line
@@ -83,15 +80,23 @@ def run_user_command(main: Callable[[argparse.Namespace], Any], args: argparse.N
     """
     # Huge pages for torch's big CPU buffers: page faults were 24 of pooling's 31 ms, 6 with.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from .distributed import exit_rank, launched_ranks
+
+    code = _run_logged(main, args, result_code)
+    if launched_ranks():
+        exit_rank(code)
+    return code
+
+
+def _run_logged(main: Callable, args: argparse.Namespace, result_code: Optional[Callable]) -> int:
     from .distributed import RankFailedError, process_group
     from .utils import limit_heap_growth
 
     setup_logging(getattr(args, "verbose", False))
     limit_heap_growth()  # peak RSS flat in the number of images (utils.limit_heap_growth)
     try:
-        # Under torchrun (WORLD_SIZE > 1) every rank joins the process group; else a no-op.
         with process_group(getattr(args, "device", None)):
-            main(args)
+            result = main(args)
     except (UserInputError, *USER_OS_ERRORS) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -103,11 +108,9 @@ def run_user_command(main: Callable[[argparse.Namespace], Any], args: argparse.N
         return 130
     except Exception:  # noqa: BLE001 - a bug: show where it happened
         traceback.print_exc()
-        print(
-            "error: internal error (a bug in spp_detect; the traceback is above)", file=sys.stderr
-        )
+        print("error: internal error (a bug in spp_detect; traceback above)", file=sys.stderr)
         return 1
-    return 0
+    return result_code(result) if result_code else 0
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser, split: str) -> None:
