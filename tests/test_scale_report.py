@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from spp_detect.benchmark.scale import folder_bytes
-from spp_detect.benchmark.scale_report import STAGES, TARGETS, fit_power_law
+from spp_detect.benchmark.scale_report import (
+    STAGES,
+    TARGETS,
+    analyse_sizes,
+    cache_bytes,
+    fit_power_law,
+)
 from spp_detect.errors import UserInputError
 
 _spec = importlib.util.spec_from_file_location(
@@ -85,6 +91,12 @@ def test_scale_report_on_two_tiny_sizes(tmp_path):
     )
     assert voc07["seconds"]["test"] == pytest.approx(large["seconds"]["test"] * n_test / 4)
     assert isinstance(report["peak_rss_flat"], bool)
+    # What the SVM/regression pass kept: counts of the run, caps and sizes of its model.
+    caches = large["caches"]
+    assert caches["classes"] == 6 and caches["objects"] > 0
+    assert caches["negative_bytes"] == 16 * 4  # model.hidden=16, float32
+    assert caches["bbox_sample_bytes"] % 50 == 0  # 50 bins x C channels, float16
+    assert 0 < caches["bbox_samples"] <= caches["classes"] * caches["bbox_cap_per_class"]
     md = (out / "scale.md").read_text()
     assert "VOC07" in md and "COCO train2017" in md and "tools/scale_report.py" in md
     assert ("**flat**" in md) == report["peak_rss_flat"]
@@ -95,3 +107,47 @@ def test_scale_report_on_two_tiny_sizes(tmp_path):
     again = scale_report.main(args)
     assert json.loads(json.dumps(again["sizes"])) == saved["sizes"]
     assert {n: (out / f"n{n}" / "train" / "model.pt").stat().st_mtime_ns for n in (2, 4)} == models
+
+
+def _size(n, peaks, caches=None):
+    """A measured size as ``scale.collect_size`` returns it, with the given per-stage peaks."""
+    return {
+        "n_train": n, "n_test": n,
+        "seconds": {s: float(n) for s in STAGES},
+        "disk_bytes": {s: float(n) for s in STAGES},
+        "peak_rss_bytes": {s: float(peaks[s]) for s in STAGES},
+        "caches": caches,
+    }  # fmt: skip
+
+
+def test_peak_rss_at_a_dataset_adds_the_caps_that_are_not_yet_full():
+    caches = {
+        "classes": 6, "objects": 2500, "negatives": 3000, "negatives_cap_per_class": 10000,
+        "negative_bytes": 4096, "bbox_samples": 30000, "bbox_cap_per_class": 5000,
+        "bbox_sample_bytes": 11200,
+    }  # fmt: skip
+    held = (3000 + 2500) * 4096 + 30000 * 11200
+    assert cache_bytes(caches) == held
+    # VOC07: 20 classes with full caps, 12,608 objects (a hand count of the same formula).
+    bound = (20 * 10000 + 12608) * 4096 + 20 * 5000 * 11200
+    assert cache_bytes(caches, 20, 12608) == bound
+    assert cache_bytes(dict(caches, bbox_cap_per_class=0), 20, 12608) is None  # no cap: no bound
+    small = {s: 1e9 for s in STAGES}
+    grows = dict(small, proposals=2e9, svm=1.5e9)  # proposals doubles from N=300 to 1,000
+    sizes = [_size(100, small), _size(300, small), _size(1000, grows, caches)]
+    report = analyse_sizes(sizes)
+    voc07 = report["extrapolated"]["VOC07"]
+    assert voc07["peak_rss_bytes"]["svm"] == pytest.approx(1.5e9 + bound - held)
+    assert voc07["peak_rss_basis"]["svm"] == "caches"
+    assert voc07["peak_rss_bytes"]["test"] == 1e9 and voc07["peak_rss_basis"]["test"] == "flat"
+    assert voc07["peak_rss_basis"]["proposals"] == "power law"
+    assert voc07["peak_rss_bytes"]["proposals"] == pytest.approx(
+        report["fits"]["peak_rss_bytes"]["proposals"]["a"]
+        * 5011 ** report["fits"]["peak_rss_bytes"]["proposals"]["slope"]
+    )
+    # Flat is judged between the two largest sizes: svm's 1.5x between 300 and 1,000 is not.
+    assert report["peak_rss_last_slopes"]["svm"] == pytest.approx(
+        math.log(1.5) / math.log(1000 / 300)
+    )
+    assert not report["peak_rss_flat"]
+    assert analyse_sizes(sizes[:2])["peak_rss_flat"]

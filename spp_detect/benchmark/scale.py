@@ -298,7 +298,33 @@ def collect_size(
             for k in ("pooled_in_memory", "pooled_bytes", "memory_budget_bytes")
         },
         "proposals_per_image": train["log"].get("proposals_per_image"),
+        "caches": pass_caches(train_dir / "model.pt", folder / "data", train["log"]),
         "mAP": test["mAP"],
+    }
+
+
+def pass_caches(model_path: Path, voc_root: Path, log: Dict[str, Any]) -> Dict[str, int]:
+    """What the SVM and box-regression pass kept at its end and its caps, for
+    ``scale_report.cache_bytes``: counts from ``train_log.json``, caps and feature sizes from
+    ``model.pt`` (fc7: ``hidden`` float32; regression: fc6's input, float16), training objects
+    from the annotations."""
+    from spp_detect.datasets.toy_voc import TOY_CLASSES
+    from spp_detect.datasets.voc import VOCDataset
+    from spp_detect.serialization import load_file
+
+    model = load_file(model_path, "model")
+    hidden, pooled_dim = model["head"]["fc6.weight"].shape
+    cfg, done = model["config"], log.get("classifiers", {})
+    dataset = VOCDataset(voc_root, "2007", "trainval", TOY_CLASSES)
+    return {
+        "classes": len(model["class_names"]),
+        "objects": int(sum(len(dataset[i].boxes) for i in range(len(dataset)))),
+        "negatives": int(sum(done.get("svm_cache_sizes") or [])),
+        "negatives_cap_per_class": int(cfg["svm"]["max_cached_negatives"]),
+        "negative_bytes": int(hidden) * 4,
+        "bbox_samples": int(done.get("bbox_samples", 0)),
+        "bbox_cap_per_class": int(cfg["bbox_reg"]["max_samples"]),
+        "bbox_sample_bytes": int(pooled_dim) * 2,
     }
 
 

@@ -16,8 +16,10 @@ from spp_detect.utils import atomic_write_json, atomic_write_text
 __all__ = [
     "STAGES",
     "TARGETS",
+    "TARGET_CLASSES_OBJECTS",
     "FLAT_SLOPE",
     "fit_power_law",
+    "cache_bytes",
     "analyse_sizes",
     "write_scale_report",
 ]
@@ -32,8 +34,19 @@ TARGETS = {
     "VOC12": (11540, 10991),
     "COCO train2017": (118287, 5000),
 }
-# Peak RSS counts as flat in N when its log-log slope is below this (10x the images: < 26%).
+# Classes and training objects of each target (VOC07 and VOC12 trainval, COCO train2017's
+# instances, as their devkits count them): the SVM positives (every training object's fc7)
+# grow with the objects, the capped caches with the classes.
+TARGET_CLASSES_OBJECTS = {
+    "VOC07": (20, 12608),
+    "VOC12": (20, 27450),
+    "COCO train2017": (80, 860001),
+}
+# Peak RSS counts as flat in N when its log-log slope between the two largest sizes is below
+# this (10x the images: < 26%).
 FLAT_SLOPE = 0.1
+# Stages whose peak holds the SVM/box-regression pass's caches (``cache_bytes``).
+_CACHE_STAGES = ("svm", "bbox_reg")
 
 
 def fit_power_law(ns: Sequence[float], ys: Sequence[float]) -> Optional[Dict[str, float]]:
@@ -52,14 +65,55 @@ def _predict(fit: Optional[Dict[str, float]], n: float) -> Optional[float]:
     return None if fit is None else fit["a"] * n ** fit["slope"]
 
 
+def cache_bytes(caches: Dict[str, int], classes: Optional[int] = None, objects: int = 0) -> float:
+    """Bytes of what the SVM and box-regression pass keeps: the positives' fc7 (one per
+    training object), the hard-negative caches (float32 fc7) and the regression samples
+    (float16 pooled features). With ``classes`` None: as a measured run held them at its end
+    (``caches`` from ``scale.collect_size``); else their bound for a dataset of ``classes``
+    classes and ``objects`` training objects, every per-class cap full. None without caps."""
+    neg, box = caches["negative_bytes"], caches["bbox_sample_bytes"]
+    if classes is None:
+        return (caches["negatives"] + caches["objects"]) * neg + caches["bbox_samples"] * box
+    if not (caches["negatives_cap_per_class"] and caches["bbox_cap_per_class"]):
+        return None
+    return (classes * caches["negatives_cap_per_class"] + objects) * neg + (
+        classes * caches["bbox_cap_per_class"] * box
+    )
+
+
+def _rss_at(sizes, fits, stage: str, n: int, target: str) -> Tuple[Optional[float], str]:
+    """A stage's peak RSS at a target and how it was obtained: the largest run's peak plus
+    the growth of the capped caches (SVM and regression stages), the largest run's peak (a
+    stage flat between the two largest sizes), else the power law."""
+    largest = sizes[-1]
+    peak = float(largest["peak_rss_bytes"][stage])
+    caches = largest.get("caches")
+    if stage in _CACHE_STAGES and caches:
+        bound = cache_bytes(caches, *TARGET_CLASSES_OBJECTS[target])
+        if bound is not None:
+            return peak + max(0.0, bound - cache_bytes(caches)), "caches"
+    if _last_slope(sizes, stage) < FLAT_SLOPE:
+        return peak, "flat"
+    return _predict(fits["peak_rss_bytes"][stage], n), "power law"
+
+
+def _last_slope(sizes: List[Dict[str, Any]], stage: str) -> float:
+    """Peak RSS's log-log slope between the two largest sizes (inf when not measurable)."""
+    key = "n_test" if stage in _TEST_STAGES else "n_train"
+    a, b = sizes[-2], sizes[-1]
+    fit = fit_power_law([a[key], b[key]], [a["peak_rss_bytes"][stage], b["peak_rss_bytes"][stage]])
+    return math.inf if fit is None else fit["slope"]
+
+
 def analyse_sizes(sizes: List[Dict[str, Any]]) -> Dict[str, Any]:
+    sizes = sorted(sizes, key=lambda s: s["n_train"])
     fits: Dict[str, Dict[str, Any]] = {"seconds": {}, "peak_rss_bytes": {}, "disk_bytes": {}}
     for metric in fits:
         for stage in STAGES:
             key = "n_test" if stage in _TEST_STAGES else "n_train"
             ns = [s[key] for s in sizes]
             fits[metric][stage] = fit_power_law(ns, [s[metric][stage] for s in sizes])
-    largest = max(sizes, key=lambda s: s["n_train"])
+    largest = sizes[-1]
     extrapolated: Dict[str, Dict[str, Any]] = {}
     for name, (n_train, n_test) in TARGETS.items():
         row: Dict[str, Any] = {"n_train": n_train, "n_test": n_test}
@@ -73,21 +127,28 @@ def analyse_sizes(sizes: List[Dict[str, Any]]) -> Dict[str, Any]:
                 stage: _predict(fits[metric][stage], target(stage)[0]) for stage in STAGES
             }
         # Time and disk are per image by design: the per-image rate of the largest run, which
-        # small runs' fixed costs bias least. Peak RSS: the power law.
+        # small runs' fixed costs bias least. Peak RSS: see _rss_at.
         for metric in ("seconds", "disk_bytes"):
             row[metric] = {
                 stage: largest[metric][stage] * target(stage)[0] / target(stage)[1]
                 for stage in STAGES
             }
-        row["peak_rss_bytes"] = row["peak_rss_bytes_power_law"]
+        rss = {stage: _rss_at(sizes, fits, stage, target(stage)[0], name) for stage in STAGES}
+        row["peak_rss_bytes"] = {stage: v for stage, (v, _) in rss.items()}
+        row["peak_rss_basis"] = {stage: how for stage, (_, how) in rss.items()}
         row["total_seconds"] = sum(row["seconds"].values())
         row["total_seconds_power_law"] = sum(v or 0.0 for v in row["seconds_power_law"].values())
         row["total_disk_bytes"] = sum(row["disk_bytes"].values())
         row["peak_rss_bytes_max"] = max(v or 0.0 for v in row["peak_rss_bytes"].values())
         extrapolated[name] = row
-    rss_slopes = {s: (f or {}).get("slope") for s, f in fits["peak_rss_bytes"].items()}
-    flat = all(v is not None and v < FLAT_SLOPE for v in rss_slopes.values())
-    return {"fits": fits, "extrapolated": extrapolated, "peak_rss_flat": flat}
+    last = {stage: _last_slope(sizes, stage) for stage in STAGES}
+    flat = all(v < FLAT_SLOPE for v in last.values())
+    return {
+        "fits": fits,
+        "extrapolated": extrapolated,
+        "peak_rss_last_slopes": {k: (None if math.isinf(v) else v) for k, v in last.items()},
+        "peak_rss_flat": flat,
+    }
 
 
 def _mb(v: Optional[float]) -> str:
@@ -154,31 +215,62 @@ def _measured_lines(sizes: List[Dict[str, Any]]) -> List[str]:
 
 def _growth_lines(report: Dict[str, Any]) -> List[str]:
     sizes, fits = report["sizes"], report["fits"]
+    last = report.get("peak_rss_last_slopes", {})
+    pair = f"{sizes[-2]['n_train']} -> {sizes[-1]['n_train']}"
     lines = [
         "## Growth with N (log-log slope: 1 = linear, 0 = flat)",
         "",
-        "| stage | time | peak RSS | disk |",
-        "|---|---:|---:|---:|",
+        f"| stage | time | peak RSS | peak RSS, N = {pair} | disk |",
+        "|---|---:|---:|---:|---:|",
     ]
     for stage in STAGES:
+        v = last.get(stage)
         lines.append(
             f"| {stage} | {_slope(fits['seconds'][stage])} | "
-            f"{_slope(fits['peak_rss_bytes'][stage])} | {_slope(fits['disk_bytes'][stage])} |"
+            f"{_slope(fits['peak_rss_bytes'][stage])} | {'-' if v is None else f'{v:.2f}'} | "
+            f"{_slope(fits['disk_bytes'][stage])} |"
         )
     verdict = "flat" if report["peak_rss_flat"] else "NOT flat"
     cache = sizes[-1]["feature_cache"]
     lines += [
         "",
-        f"Peak RSS is **{verdict}** in N (criterion: every stage's log-log slope below "
-        f"{FLAT_SLOPE}). By design, training's in-memory pooled windows grow with N up to the "
-        f"memory budget ({_mb(cache.get('memory_budget_bytes'))} MB here; "
-        f"{_mb(cache.get('pooled_bytes'))} MB at N={sizes[-1]['n_train']}, "
+        f"Peak RSS is **{verdict}** in N (criterion: every stage's log-log slope between the "
+        f"two largest sizes below {FLAT_SLOPE}). By design, training's in-memory pooled "
+        f"windows grow with N up to the memory budget ({_mb(cache.get('memory_budget_bytes'))} "
+        f"MB here; {_mb(cache.get('pooled_bytes'))} MB at N={sizes[-1]['n_train']}, "
         f"{'in memory' if cache.get('pooled_in_memory') else 'pooled from the conv cache'}) "
         "and are pooled from the on-disk conv cache beyond it; the SVM caches and regression "
         "samples grow up to their per-class caps.",
         "",
     ]
+    lines += _cache_lines(sizes)
     return lines
+
+
+def _cache_lines(sizes: List[Dict[str, Any]]) -> List[str]:
+    rows = [s for s in sizes if s.get("caches")]
+    if not rows:
+        return []
+    c = rows[-1]["caches"]
+    lines = [
+        "What the SVM and regression pass held at its end (positives: one fc7 per training "
+        f"object, {c['negative_bytes']:,} B; hard negatives: cap {c['negatives_cap_per_class']:,}"
+        f" per class, {c['negative_bytes']:,} B; regression samples: cap "
+        f"{c['bbox_cap_per_class']:,} per class, {c['bbox_sample_bytes']:,} B):",
+        "",
+        "| N | classes | objects | hard negatives | regression samples | MB | "
+        "regression caps full |",
+        "|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for s in rows:
+        c = s["caches"]
+        cap = c["classes"] * c["bbox_cap_per_class"]
+        full = cap and c["bbox_samples"] >= cap
+        lines.append(
+            f"| {s['n_train']} | {c['classes']} | {c['objects']:,} | {c['negatives']:,} | "
+            f"{c['bbox_samples']:,} | {_mb(cache_bytes(c))} | {'yes' if full else 'no'} |"
+        )
+    return lines + [""]
 
 
 def _extrapolated_lines(extrapolated: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -208,6 +300,19 @@ def _extrapolated_lines(extrapolated: Dict[str, Dict[str, Any]]) -> List[str]:
         "seconds of `train_log.json`. SVMs and regression share one pass over the images; "
         "regression's time is the time spent sampling and fitting it, and its disk is inside "
         "`model.pt` (counted under svm).",
+        "",
+        "Peak RSS at a dataset, per stage: for the SVM and regression stages, the largest "
+        "run's peak plus the growth of what the pass keeps (`cache_bytes`: every class's caps "
+        "full, one fc7 per training object; classes and objects: "
+        + ", ".join(f"{k} {c} / {o:,}" for k, (c, o) in TARGET_CLASSES_OBJECTS.items())
+        + "); for a stage flat between the two largest sizes, the largest run's peak; "
+        "otherwise the power law. Per stage here: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{st} {how}" for st, how in row["peak_rss_basis"].items())
+            for name, row in extrapolated.items()
+            if "peak_rss_basis" in row
+        )
+        + ".",
         "",
     ]
     return lines
