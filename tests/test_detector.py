@@ -13,6 +13,7 @@ from spp_detect.modeling.box_regression import BoxRegressor
 from spp_detect.modeling.build import build_detector, load_detector
 from spp_detect.modeling.pyramid import choose_scales
 from spp_detect.modeling.spp import SpatialPyramidPooling
+from spp_detect.utils import null_timer
 from spp_detect.modeling.svm import LinearSVMs
 from spp_detect.modeling.window_pool import bin_major_order, pool_windows, project_windows
 
@@ -289,3 +290,26 @@ def test_with_settings_svd_head_matches_truncated_svd_and_leaves_original():
         bad = det.with_settings()
         bad.config = bad.config.replace(test=dataclasses.replace(bad.config.test, svd_fc6=8))
         bad.detect(image, _windows(3, 48, 48).numpy())
+
+
+def test_box_regression_runs_only_on_windows_that_can_be_kept():
+    det = _detector(score_thresh=0.0, nms_thresh=0.3, max_per_class=100, max_per_image=1000)
+    with torch.no_grad():
+        det.bbox_regressor.weight.mul_(30)
+    image = np.random.default_rng(5).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    windows = _windows(50, 64, 80, seed=4)
+    rows = []
+    predict = det.bbox_regressor.predict_deltas
+
+    def counting(features):
+        rows.append(features.shape[0])
+        return predict(features)
+
+    det.bbox_regressor.predict_deltas = counting
+    d = det.detect(image, windows.numpy())
+    # The same detections as regressing every window (the hand composition) ...
+    _assert_same_detections(d, _hand_detect(det, image, windows))
+    # ... from fewer rows: the windows below the threshold in every class are not regressed.
+    with torch.no_grad():
+        pooled, _ = det.compute_pooled(det.preprocess(image), windows, null_timer())
+    assert len(rows) == 1 and 0 < rows[0] < pooled.shape[0]
