@@ -237,10 +237,9 @@ class TestConfig:
     # How: "weights" (truncated SVD of W, Fast R-CNN) or "responses" (principal directions of
     # each layer's responses on training windows, saved by training; modeling/lowrank.py).
     svd_method: str = "weights"
-    # Test-time arithmetic of fc6/fc7 (issue 11; modeling/fast_head.py): "off" (float32, as
-    # trained), "bf16" (bfloat16 weights and activations, float32 accumulation) or "int8"
-    # (dynamic int8). A configured copy of the head (``with_settings``); the saved model stays
-    # float32. On a 2-core Zen 4, svd + int8 runs fc6/fc7 ~10x faster (docs/speed.md).
+    # Test-time fc6/fc7 arithmetic (modeling/fast_head.py, docs/speed.md): "off" (float32 as
+    # trained), "bf16", "int8" (dynamic) or "int8map" (conv5 quantised once per map, pooled
+    # in int8; fc6's first map int8, the rest bf16). A configured copy (``with_settings``).
     fast_head: str = "off"
     # Test-time conv pass (issue 11): "off" (float32 as trained) or "channels_last" (NHWC
     # memory layout: the same arithmetic, oneDNN's faster kernels).

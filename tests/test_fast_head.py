@@ -9,8 +9,10 @@ import torch
 
 from spp_detect.config import DetectorConfig, ModelConfig, TestConfig
 from spp_detect.modeling.build import build_detector, load_detector
-from spp_detect.modeling.fast_head import FastFCHead, Int8Linear
+from spp_detect.modeling.fast_head import FastFCHead, Int8Linear, Int8Rows, quantize_map
 from spp_detect.modeling.head import FCHead
+from spp_detect.modeling.window_pool import pool_windows
+from spp_detect.utils import null_timer
 
 from bench_helpers import random_heads  # noqa: E402
 
@@ -145,6 +147,7 @@ def _detector():
         {"fast_head": "int8", "svd_fc6": 8, "svd_fc7": 4},
         {"fast_conv": "channels_last"},
         {"fast_head": "int8", "fast_conv": "bf16"},
+        {"fast_head": "int8map", "svd_fc6": 8, "svd_fc7": 4, "fast_conv": "bf16"},
     ],
 )
 def test_with_settings_fast_leaves_original_and_saved_model(tmp_path, fields):
@@ -194,3 +197,61 @@ def test_channels_last_conv_close_and_detect_refuses_mismatched_head():
         stale.detect(image, np.array([[0, 0, 40, 40]], dtype=np.float32))
     with pytest.raises(ValueError, match="fast_conv"):
         det.with_settings(fast_conv="int4")
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_int8_map_pools_to_the_quantised_float_pooling(signed):
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.rand(8, 13, 17, generator=g) * 5
+    if signed:  # maps of backbones without a final ReLU (EfficientNet-Lite0's conv5)
+        fmap = fmap - 2.5
+    q, s = quantize_map(fmap)
+    assert q.dtype == torch.int8 and s == pytest.approx(float(fmap.abs().max()) / 127)
+    assert float((q.float() * s - fmap).abs().max()) <= s / 2 + 1e-6
+    x0 = torch.randint(0, 16, (30,), generator=g)
+    y0 = torch.randint(0, 12, (30,), generator=g)
+    x1 = torch.minimum(x0 + torch.randint(0, 17, (30,), generator=g), torch.tensor(16))
+    y1 = torch.minimum(y0 + torch.randint(0, 13, (30,), generator=g), torch.tensor(12))
+    cells = torch.stack([x0, y0, x1, y1], 1)
+    pooled = pool_windows(fmap, cells, (6, 3, 2, 1))
+    # Rounding is monotone, so the max of the quantised values is the quantised max: exact.
+    ref = torch.round(pooled / s).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(pool_windows(q, cells, (6, 3, 2, 1)), ref)
+    zq, zs = quantize_map(torch.zeros(2, 3, 3))
+    assert zs == 1.0 and not zq.any()
+
+
+def test_int8_linear_takes_int8_rows_as_they_are():
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(24, 16)
+    rows = Int8Rows(torch.randint(-127, 128, (20, 24), dtype=torch.int8), torch.rand(20, 1) + 0.1)
+    got = Int8Linear(layer, out_dtype=torch.float32)(rows)
+    w = layer.weight.detach().double()
+    sw = w.abs().amax(1) / 127
+    qw = torch.round(w / sw[:, None])
+    ref = (rows.values.double() @ qw.T) * rows.scale.double() * sw + layer.bias.detach().double()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    assert Int8Linear(layer, torch.bfloat16)(rows).dtype == torch.bfloat16
+    torch.testing.assert_close(rows[3:5].dequantize(), rows.values[3:5].float() * rows.scale[3:5])
+
+
+def test_int8map_detector_pools_int8_rows_and_stays_close_to_float32():
+    det = _detector()
+    fast = det.with_settings(fast_head="int8map")
+    image = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    windows = torch.tensor([[0, 0, 40, 40], [10, 5, 70, 60], [30, 20, 79, 63], [5, 5, 30, 50]],
+                           dtype=torch.float32)  # fmt: skip
+    with torch.no_grad():
+        pooled, inv = fast.compute_pooled(fast.preprocess(image), windows, null_timer())
+        ref_pooled, ref_inv = det.compute_pooled(det.preprocess(image), windows, null_timer())
+        assert isinstance(pooled, Int8Rows) and pooled.values.dtype == torch.int8
+        assert torch.equal(inv, ref_inv)
+        got = fast.head.fc7_features(pooled)
+        ref = det.head.fc7_features(ref_pooled)
+    # int8 resolves ~1/127 of the largest value of a map and of a weight row: fc7 within a few
+    # percent (RMS) of float32's, and not float32 itself.
+    err = (got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+    assert 1e-5 < float(err) < 0.05
+    d, d32 = fast.detect(image, windows.numpy()), det.detect(image, windows.numpy())
+    assert len(d) == len(d32) > 0
+    torch.testing.assert_close(d.scores, d32.scores, rtol=0.05, atol=0.05)

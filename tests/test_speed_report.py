@@ -201,7 +201,7 @@ def test_report_with_models_gives_map(toy_root, tmp_path):
     dataset = VOCDataset(toy_root, year="2007", split="test", class_names=TOY_CLASSES)
     assert settings["image_ids"] == [r.image_id for r in dataset.records]
     svd = {"svd_fc6": 8, "svd_fc7": 2}
-    fast = {"fast_head": "bf16", "fast_conv": "bf16"}  # variants.FAST_OPTIONS
+    fast = {"fast_head": "int8map", "fast_conv": "bf16"}  # variants.FAST_OPTIONS
     for name, options in (("spp-1scale", {}), ("spp-1scale-svd", svd), ("spp-1scale-fast", fast)):
         m = report["methods"][name]
         reference = inference.test_detector(
@@ -219,12 +219,16 @@ def test_report_with_models_gives_map(toy_root, tmp_path):
     # R-CNN's is not either.)
     off = {"svd_ranks": [0, 0], "svd_method": "weights", "fast_head": "off", "fast_conv": "off"}
     assert options["spp-1scale"] == off
-    want = {"svd_ranks": [0, 0], "svd_method": "weights", "fast_head": "bf16", "fast_conv": "bf16"}
+    want = {"svd_ranks": [0, 0], "svd_method": "weights", "fast_head": "int8map",
+            "fast_conv": "bf16"}  # fmt: skip
     assert options["spp-1scale-fast"] == want and options["rcnn"] == want
     md = (out / "speed.md").read_text()
     assert "- spp-1scale: float32 as trained" not in md  # options are footnotes, not a list
     assert "spp-1scale: float32 as trained." in md
-    assert "rcnn: fc6/fc7 in bf16, conv in bf16." in md
+    assert (
+        "rcnn: fc6's first map in int8 on int8 pooled features, the rest of fc6/fc7 in bf16, "
+        "conv in bf16." in md
+    )
     assert "spp-1scale-svd: fc6/fc7 truncated SVD ranks 8/2." in md
     # R-CNN without a model file: untrained heads on the model's backbone, so no accuracy.
     assert report["methods"]["rcnn"]["heads"] == "untrained"

@@ -188,6 +188,13 @@ def _variant_fns(fmap: torch.Tensor, cells: torch.Tensor, levels, baseline) -> t
         fns[name] = lambda fm=fm, lay=lay, dt=dt: pool_windows(
             fm, cells, levels, layout=lay, dtype=dt
         )
+    from spp_detect.modeling.fast_head import quantize_map
+
+    # test.fast_head=int8map: the float32 map quantised once, pooled in int8.
+    int8_name = "bin, float32 map -> int8 map (int8map)"
+    fns[int8_name] = lambda: pool_windows(
+        quantize_map(maps[torch.float32])[0], cells, levels, layout="bin"
+    )
     for dt, fm in maps.items():
         fns[f"table + corner rows, {str(dt)[6:]} map"] = lambda fm=fm: table(fm)
         fns[f"write output once, {str(dt)[6:]} (bound)"] = lambda dt=dt: torch.empty(
@@ -197,6 +204,8 @@ def _variant_fns(fmap: torch.Tensor, cells: torch.Tensor, levels, baseline) -> t
     order = wp.bin_major_order(fmap.shape[0], levels)
     want = {name: (ref[:, order] if lay == "bin" else ref).to(dt) for name, lay, _, dt in VARIANTS}
     want["baseline channel float32"] = ref
+    scale = quantize_map(maps[torch.float32])[1]
+    want[int8_name] = torch.round(ref[:, order] / scale).clamp(-127, 127).to(torch.int8)
     exact = {name: bool(torch.equal(fns[name](), want[name])) for name in fns if name in want}
     return fns, exact
 

@@ -143,7 +143,9 @@ def describe_test_options(opts: Mapping[str, Any]) -> str:
             else "truncated SVD"
         )
         parts.append(f"fc6/fc7 {how} ranks {ranks[0]}/{ranks[1]}")
-    if opts.get("fast_head", "off") != "off":
+    if opts.get("fast_head") == "int8map":
+        parts.append("fc6's first map in int8 on int8 pooled features, the rest of fc6/fc7 in bf16")
+    elif opts.get("fast_head", "off") != "off":
         parts.append(f"fc6/fc7 in {opts['fast_head']}")
     if opts.get("fast_conv", "off") != "off":
         parts.append(f"conv in {opts['fast_conv']}")

@@ -10,6 +10,12 @@ SPP-net's test time (issue 11: 79% of it in float32). Two cheaper arithmetics, m
 - ``"int8"``: dynamic quantisation: int8 weights with one scale per output row, activations
   quantised per window (per row) at run time, int32 accumulation (AVX-512 VNNI). Error per
   product: half a quantisation step of the weight and of the activation.
+- ``"int8map"``: SPP-net's pooled features arrive already in int8 (``Int8Rows``): the conv5
+  map is quantised once per image and scale (``quantize_map``, 0.6M values instead of the
+  ~25M pooled ones) and pooled in int8, which is exact since max commutes with the monotone
+  rounding. fc6's first linear map (the big one: 12,800 inputs) runs int8 x int8 -> int32
+  with no activation pass at all; the rest of fc6/fc7 runs in bfloat16. Given float features
+  (R-CNN's), the first map quantises each row itself, as ``"int8"`` does.
 
 Either combines with the truncated SVD of ``FCHead.compress`` (Fast R-CNN's ranks 1024/256),
 which cuts the multiply-adds by 4-10x before the arithmetic gets cheaper. The head built here
@@ -20,34 +26,77 @@ which stays as it was (and is what ``save`` writes).
 from __future__ import annotations
 
 import copy
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .head import FCHead
 
-__all__ = ["FAST_HEAD_MODES", "FastFCHead", "Int8Linear", "build_fast_head"]
+__all__ = [
+    "FAST_HEAD_MODES", "FastFCHead", "Int8Linear", "Int8Rows", "build_fast_head", "quantize_map"
+]  # fmt: skip
 
 # "off": the float32 head as trained.
-FAST_HEAD_MODES = ("off", "bf16", "int8")
+FAST_HEAD_MODES = ("off", "bf16", "int8", "int8map")
 
 # Symmetric int8 range: weights and activations quantised to [-127, 127] (no -128), so that
 # a product of two never overflows the int16 pairs VNNI adds before its int32 accumulation.
 _INT8_MAX = 127.0
 
 
+@dataclass(frozen=True)
+class Int8Rows:
+    """Feature rows in int8 with one float32 scale per row: the features are
+    ``values * scale``. What an SPP-net copy with ``test.fast_head="int8map"`` pools.
+
+    Attributes:
+        values (Tensor[N, D] int8), scale (Tensor[N, 1] float32).
+    """
+
+    values: Tensor
+    scale: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def __getitem__(self, index) -> "Int8Rows":
+        return Int8Rows(self.values[index], self.scale[index])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.values.to(dtype) * self.scale.to(dtype)
+
+
+def quantize_map(feature_map: Tensor) -> Tuple[Tensor, float]:
+    """``(q, s)``: ``feature_map`` as int8 ``q = round(x / s)`` in [-127, 127] with one scale
+    ``s = max |x| / 127`` (1 for an all-zero map), so that ``q * s`` is within ``s / 2`` of
+    ``x``. Max pooling commutes with it: the max of ``q`` over a bin is the quantised max."""
+    peak = float(feature_map.abs().amax()) if feature_map.numel() else 0.0
+    scale = peak / _INT8_MAX if peak > 0 else 1.0
+    q = torch.round(feature_map.float() / scale).clamp_(-_INT8_MAX, _INT8_MAX)
+    return q.to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 weights (one scale per output row) and per-row dynamic int8
     activations; ``y = (q(x) @ q(W)^T) * s_x * s_w + b``, computed with ``torch._int_mm``
-    (int8 x int8 -> int32, oneDNN / VNNI on the CPU, cuBLASLt on CUDA).
+    (int8 x int8 -> int32, oneDNN / VNNI on the CPU, cuBLASLt on CUDA). Rows already in int8
+    (``Int8Rows``) go straight in.
 
     Args:
         layer: a trained float ``nn.Linear`` (not changed).
+        out_dtype: dtype of the output (float32; bfloat16 when a bfloat16 layer follows).
     """
 
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear, out_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.out_dtype = out_dtype
         w = layer.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / _INT8_MAX  # [out]
         # Stored transposed ([in, out], column-major view of [out, in]) as _int_mm wants it.
@@ -59,14 +108,18 @@ class Int8Linear(nn.Module):
         self.in_features = layer.in_features
         self.out_features = layer.out_features
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Tensor[N, in] float -> Tensor[N, out] float32."""
-        x = x.float()
-        sx = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / _INT8_MAX  # [N, 1]
-        qx = torch.round(x / sx).to(torch.int8)
+    def forward(self, x: Union[Tensor, Int8Rows]) -> Tensor:
+        """Tensor[N, in] float or ``Int8Rows`` -> Tensor[N, out] in ``out_dtype``."""
+        if isinstance(x, Int8Rows):
+            qx, sx = x.values, x.scale.float()
+        else:
+            x = x.float()
+            sx = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / _INT8_MAX  # [N, 1]
+            qx = torch.round(x / sx).to(torch.int8)
         acc = _int8_matmul(qx, self.weight_t)
         y = acc.float() * (sx * self.weight_scale)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y.to(self.out_dtype)
 
 
 def _int8_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -82,14 +135,17 @@ def _int8_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 def _convert(layer: nn.Module, mode: str) -> nn.Module:
     """A copy of ``layer`` (``nn.Linear`` or the ``nn.Sequential`` of a truncated SVD) in
-    ``mode``'s arithmetic."""
+    ``mode``'s arithmetic; ``"int8map"``: the first linear map in int8, the rest bfloat16."""
     if isinstance(layer, nn.Sequential):
-        return nn.Sequential(*(_convert(sub, mode) for sub in layer))
+        rest = "bf16" if mode == "int8map" else mode
+        return nn.Sequential(
+            *(_convert(sub, mode if i == 0 else rest) for i, sub in enumerate(layer))
+        )
     if not isinstance(layer, nn.Linear):
         raise TypeError(f"cannot convert {type(layer).__name__} to a fast layer")
     if mode == "bf16":
         return copy.deepcopy(layer).to(torch.bfloat16)
-    return Int8Linear(layer)
+    return Int8Linear(layer, torch.bfloat16 if mode == "int8map" else torch.float32)
 
 
 def _scale_inputs(layer: nn.Module, scale: float) -> nn.Module:
@@ -122,12 +178,12 @@ class FastFCHead(nn.Module):
         self.in_features, self.num_classes = head.in_features, head.num_classes
         self.hidden = head.hidden
         self.svd_ranks = tuple(head.svd_ranks)
-        self.dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        self.dtype = torch.float32 if mode == "int8" else torch.bfloat16
         self.register_buffer("input_scale", head.input_scale.detach().clone())
         # fc6(s * x) = (s W) x + b: the input scale goes into fc6's first weight here, which
         # saves a pass over the ~2,000 x 12,800 pooled values of every image.
         self.fc6 = _convert(_scale_inputs(head.fc6, float(head.input_scale)), mode)
-        self.fc7 = _convert(head.fc7, mode)
+        self.fc7 = _convert(head.fc7, "bf16" if mode == "int8map" else mode)
         # cls_score is (K + 1) x 4096: too small to matter; kept in float32.
         self.cls_score = copy.deepcopy(head.cls_score)
         self.requires_grad_(False)
@@ -136,15 +192,21 @@ class FastFCHead(nn.Module):
     def compress(self, fc6_rank: int, fc7_rank: int) -> "FastFCHead":
         raise ValueError("compress the float32 head (FCHead.compress), then make it fast")
 
-    def fc7_features(self, pooled: Tensor, dropout: Optional[bool] = None) -> Tensor:
-        """Tensor[R, in_features] (any float dtype) -> Tensor[R, hidden] float32 (fc7 after
-        ReLU). No dropout: this head is for testing only."""
+    def fc7_features(
+        self, pooled: Union[Tensor, Int8Rows], dropout: Optional[bool] = None
+    ) -> Tensor:
+        """Tensor[R, in_features] (any float dtype) or ``Int8Rows`` (``"int8map"``) ->
+        Tensor[R, hidden] float32 (fc7 after ReLU). No dropout: for testing only."""
         if dropout:
             raise ValueError("a fast head is for testing only (no dropout)")
-        x = torch.relu(self.fc6(pooled.to(self.dtype)))  # input_scale is in fc6's weight
+        if isinstance(pooled, Int8Rows) and self.fast_mode != "int8map":
+            pooled = pooled.dequantize()
+        if self.fast_mode != "int8map":  # int8map's first map quantises float rows itself
+            pooled = pooled.to(self.dtype)
+        x = torch.relu(self.fc6(pooled))  # input_scale is in fc6's weight
         return torch.relu(self.fc7(x.to(self.dtype))).float()
 
-    def predict(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:
+    def predict(self, pooled: Union[Tensor, Int8Rows]) -> Tuple[Tensor, Tensor]:
         """``(fc7 Tensor[R, hidden] float32, cls_score logits Tensor[R, K + 1])``."""
         fc7 = self.fc7_features(pooled)
         return fc7, self.cls_score(fc7)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..utils import StageTimer, null_timer
 from .base import WindowDetector
 from .box_regression import BoxRegressor
+from .fast_head import Int8Rows, quantize_map
 from .pyramid import choose_scales, resize_image, scale_factors
 from .window_pool import bin_major_order, pool_windows, project_windows
 
@@ -62,9 +63,10 @@ class SPPDetector(WindowDetector):
         """dtype of ``compute_pooled``'s features: what fc6 consumes. bfloat16 in the test-time
         copies with ``test.fast_head="bf16"`` (pooled straight into it: max pooling commutes
         with rounding, so the values equal the float32 ones rounded, with no float32 round
-        trip; their box regressor takes it too), else float32."""
-        bf16 = self.pooled_layout == "bin" and getattr(self.head, "fast_mode", "off") == "bf16"
-        return torch.bfloat16 if bf16 else torch.float32
+        trip; their box regressor takes it too), int8 with ``"int8map"`` (``pool_from_maps``
+        then returns ``Int8Rows``), else float32."""
+        mode = getattr(self.head, "fast_mode", "off") if self.pooled_layout == "bin" else "off"
+        return {"bf16": torch.bfloat16, "int8map": torch.int8}.get(mode, torch.float32)
 
     def configure_test_head(self, head: nn.Module) -> nn.Module:
         """``with_settings`` hook (called on the new configured copy): this copy reads its
@@ -120,11 +122,12 @@ class SPPDetector(WindowDetector):
             windows (Tensor[R, 4]): xyxy in pixels of the original image.
             scale_idx (LongTensor[R]): the scale of each window; ``None`` applies
                 ``config.model.scale_rule`` (sec. 4.1: resized area closest to 224^2).
-            dtype: of the features (default: the maps').
+            dtype: of the features (default: the maps'). ``torch.int8``: each map is
+                quantised with its own scale (``fast_head.quantize_map``) and pooled in int8.
         Returns:
-            pooled (Tensor[U, C * 50]) for the U distinct (scale, cells) pairs, in this
-            detector's ``pooled_layout``, inverse (LongTensor[R]). Windows that fall on the
-            same cells share features, so fc6/fc7 run once for them.
+            pooled (Tensor[U, C * 50], or ``Int8Rows`` for int8) for the U distinct (scale,
+            cells) pairs, in this detector's ``pooled_layout``, inverse (LongTensor[R]).
+            Windows that fall on the same cells share features, so fc6/fc7 run once for them.
         """
         if scale_idx is None:
             m = self.config.model
@@ -146,10 +149,14 @@ class SPPDetector(WindowDetector):
                 )
         uniq, inverse = _unique_rows(keys)
         pooled = maps[0].new_empty(uniq.shape[0], self.pooled_dim, dtype=dtype)
+        row_scale = maps[0].new_ones(uniq.shape[0], 1, dtype=torch.float32)
         stops = torch.bincount(uniq[:, 0], minlength=len(maps)).cumsum(0).tolist()
         for s, fmap in enumerate(maps):
             start, stop = (stops[s - 1] if s else 0), stops[s]
             if stop > start:
+                if dtype == torch.int8:
+                    fmap, scale = quantize_map(fmap)
+                    row_scale[start:stop] = scale
                 pool_windows(
                     fmap,
                     uniq[start:stop, 1:],
@@ -158,6 +165,8 @@ class SPPDetector(WindowDetector):
                     dtype=dtype,
                     out=pooled[start:stop],
                 )
+        if dtype == torch.int8:
+            return Int8Rows(pooled, row_scale), inverse
         return pooled, inverse
 
     def compute_pooled(
@@ -196,7 +205,9 @@ class _TestRegressor(BoxRegressor):
     stay float32.
     """
 
-    def predict_deltas(self, features: Tensor) -> Tensor:
+    def predict_deltas(self, features) -> Tensor:
+        if isinstance(features, Int8Rows):  # test.fast_head="int8map": a few rows, in bf16
+            features = features.dequantize(torch.bfloat16)
         return super().predict_deltas(features).float()
 
 
