@@ -77,10 +77,15 @@ def quantize_map(feature_map: Tensor) -> Tuple[Tensor, float]:
     """``(q, s)``: ``feature_map`` as int8 ``q = round(x / s)`` in [-127, 127] with one scale
     ``s = max |x| / 127`` (1 for an all-zero map), so that ``q * s`` is within ``s / 2`` of
     ``x``. Max pooling commutes with it: the max of ``q`` over a bin is the quantised max."""
-    peak = float(feature_map.abs().amax()) if feature_map.numel() else 0.0
+    peak = 0.0
+    if feature_map.numel():
+        lo, hi = torch.aminmax(feature_map)
+        peak = max(-float(lo), float(hi))
     scale = peak / _INT8_MAX if peak > 0 else 1.0
-    q = torch.round(feature_map.float() / scale).clamp_(-_INT8_MAX, _INT8_MAX)
-    return q.to(torch.int8), scale
+    # One float temporary, rounded and clamped in place: each large temporary costs a fresh
+    # (huge-page) allocation, which took longer than the arithmetic.
+    q = feature_map.float() / scale
+    return q.round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
 
 
 class Int8Linear(nn.Module):
