@@ -398,6 +398,11 @@ def _machine_line(machine_info) -> str:
 
 
 if __name__ == "__main__":  # the child process of _run_child
+    from spp_detect.utils import limit_heap_growth
+
     logging.basicConfig(level=logging.WARNING)
+    # As every CLI entry point (cli_common.run_user_command) does, so that the measured
+    # process is the one users run; THP_MEM_ALLOC_ENABLE comes from the parent's environment.
+    limit_heap_growth()
     _spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     atomic_write_json(Path(sys.argv[2]), _worker(_spec))
