@@ -151,3 +151,29 @@ def test_peak_rss_at_a_dataset_adds_the_caps_that_are_not_yet_full():
     )
     assert not report["peak_rss_flat"]
     assert analyse_sizes(sizes[:2])["peak_rss_flat"]
+
+
+def test_stage_peaks_follow_the_logged_stage_intervals():
+    from spp_detect.benchmark.scale import _RSSSampler, _stage_peaks
+
+    rss = _RSSSampler()
+    # One sample per second; RSS = 100 * second + a spike of 5,000 at t=7 (fine-tuning).
+    rss.samples = [(float(t), 100 * t + (5000 if t == 7 else 0)) for t in range(0, 21)]
+    log = {
+        "seconds": {"proposals": 3.0, "features": 3.0, "finetune": 4.0, "svm_bbox": 6.0},
+        "classifiers": {"bbox_reg_seconds": 1.0},
+        "clock": {"proposals": [1, 4], "features": [4, 7.5], "finetune": [7.5, 11],
+                  "svm_bbox": [12, 18]},
+    }  # fmt: skip
+    peaks = _stage_peaks(rss, log, 0.0, 20.0)
+    assert peaks["proposals"] == 400  # from the process start to the end of proposals
+    assert peaks["conv_cache"] == 5700  # the spike at 7 s lies in [4, 7.5]
+    assert peaks["finetune"] == 1100
+    # SVMs and regression share one pass: its peak, up to the end of training (20 s).
+    assert peaks["svm"] == peaks["bbox_reg"] == 2000
+    # Without intervals (older logs): stages laid end to end back from the end of training.
+    del log["clock"]
+    old = _stage_peaks(rss, log, 0.0, 20.0)
+    assert old["bbox_reg"] == 2000 and old["svm"] == 1900  # [19, 20] and [14, 19]
+    timeline = rss.timeline(0.0, step=5.0)
+    assert timeline[1] == [5.0, 5700] and len(timeline) == 5

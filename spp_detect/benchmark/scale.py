@@ -97,6 +97,14 @@ class _RSSSampler:
         self._stop.set()
         self._thread.join()
 
+    def timeline(self, origin: float, step: float = 1.0) -> List[List[float]]:
+        """``[seconds since origin, peak RSS]`` per ``step`` seconds (for the report's JSON)."""
+        bins: Dict[int, int] = {}
+        for t, r in self.samples:
+            k = int((t - origin) // step)
+            bins[k] = max(bins.get(k, 0), r)
+        return [[k * step, r] for k, r in sorted(bins.items())]
+
     def peak(self, start: float = -math.inf, end: float = math.inf) -> int:
         """Largest sample in ``[start, end]``; a stage shorter than the sampling period gets
         the samples just around it (RSS at its start and end), never 0."""
@@ -109,7 +117,8 @@ class _RSSSampler:
 
 
 def _stage_seconds(log: Dict[str, Any]) -> Dict[str, float]:
-    """Training stage times from ``train_log.json`` (distillation counts as fine-tuning)."""
+    """Training stage times from ``train_log.json`` (distillation counts as fine-tuning, the
+    fc response statistics measured after the SVMs as the SVM stage)."""
     s = log["seconds"]
     svm_bbox = float(s.get("svm_bbox", 0.0))
     bbox = min(float(log.get("classifiers", {}).get("bbox_reg_seconds", 0.0)), svm_bbox)
@@ -117,9 +126,32 @@ def _stage_seconds(log: Dict[str, Any]) -> Dict[str, float]:
         "proposals": float(s.get("proposals", 0.0)),
         "conv_cache": float(s.get("features", 0.0)),
         "finetune": float(s.get("finetune", 0.0)),  # includes distill when it runs
-        "svm": svm_bbox - bbox,
+        "svm": svm_bbox - bbox + float(s.get("head_stats", 0.0)),
         "bbox_reg": bbox,
     }
+
+
+def _stage_peaks(rss: "_RSSSampler", log: Dict[str, Any], t0: float, t1: float) -> Dict[str, int]:
+    """Peak RSS of each training stage over its clock interval in ``log`` (``train._timed``).
+    SVMs and regression share one pass over the images: both get the pass's peak, up to the
+    end of training (response statistics and saving included). A log without intervals (an
+    older run) gets the stages laid end to end back from ``t1``."""
+    clock = log.get("clock") or {}
+    if all(k in clock for k in ("proposals", "features", "finetune", "svm_bbox")):
+        svm = rss.peak(clock["svm_bbox"][0], t1)
+        return {
+            "proposals": rss.peak(t0, clock["proposals"][1]),
+            "conv_cache": rss.peak(*clock["features"]),
+            "finetune": rss.peak(*clock["finetune"]),
+            "svm": svm,
+            "bbox_reg": svm,
+        }
+    seconds, end, peaks = _stage_seconds(log), t1, {}
+    for stage in reversed(STAGES[:-1]):
+        start = end - seconds[stage]
+        peaks[stage] = rss.peak(start if stage != "proposals" else t0, end)
+        end = start
+    return peaks
 
 
 def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -144,13 +176,8 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                 pretrained=pretrained, cache_dir=out / "cache",
             )  # fmt: skip
             t1 = time.perf_counter()
-            seconds = _stage_seconds(log)
-            end, peaks = t1, {}
-            for stage in reversed(STAGES[:-1]):  # laid end to end from the end of training
-                start = end - seconds[stage]
-                peaks[stage] = rss.peak(start if stage != "proposals" else t0, end)
-                end = start
-            result = {"seconds": seconds, "peak_rss": peaks, "log": log}
+            peaks = _stage_peaks(rss, log, t0, t1)
+            result = {"seconds": _stage_seconds(log), "peak_rss": peaks, "log": log}
         else:
             from spp_detect.inference.dataset import test_detector
 
@@ -166,6 +193,9 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                 "mAP": float(metrics.get("mAP", float("nan"))),
             }
     result["wall_seconds"] = t1 - t0
+    result["rss_timeline"] = rss.timeline(t0)
+    if spec["job"] == "train":  # the stages on the same time axis
+        result["clock"] = {k: [a - t0, b - t0] for k, (a, b) in log.get("clock", {}).items()}
     result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 

@@ -17,13 +17,14 @@ alone writes ``finetune.pt``, ``model.pt`` and ``train_log.json`` while the othe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -123,11 +124,10 @@ def init_fc_layers(detector, source, images, config, pretrained, cache_dir, log)
         m = config.model
         load_imagenet_fc(detector.head, fc6, fc7, m.levels, detector.backbone.out_channels)
         return fc_init
-    t = time.perf_counter()
-    log["distill"] = distill_head(
-        detector, source, images, config.distill, teacher, Path(cache_dir) / "teacher"
-    )
-    log["seconds"]["distill"] = time.perf_counter() - t
+    with _timed(log, "distill"):
+        log["distill"] = distill_head(
+            detector, source, images, config.distill, teacher, Path(cache_dir) / "teacher"
+        )
     return fc_init
 
 
@@ -213,7 +213,20 @@ def _new_log(dataset, method: str, device: torch.device) -> Dict[str, Any]:
         "device": str(device),
         "processes": dist.world_size(),
         "seconds": {},
+        # Each stage's [start, end] on time.perf_counter's clock (system-wide on Linux), so
+        # that a process watching this one can attribute what it measured to the stages.
+        "clock": {},
     }
+
+
+@contextlib.contextmanager
+def _timed(log: Dict[str, Any], stage: str) -> Iterator[None]:
+    """Record the block's seconds and clock interval under ``stage`` in ``log``."""
+    start = time.perf_counter()
+    yield
+    end = time.perf_counter()
+    log["seconds"][stage] = end - start
+    log.setdefault("clock", {})[stage] = [start, end]
 
 
 def finetune_key(method: str, config: DetectorConfig, dataset, proposals, backbone) -> str:
@@ -277,43 +290,40 @@ def train_detector(
     # Build the detector (and so load and check the weights) before any expensive stage.
     detector = build_detector(method, dataset.class_names, config, pretrained=pretrained).to(dev)
     resolve_fc_init(config, pretrained)
-    t = time.perf_counter()
-    proposals = dataset_proposals(dataset, config, cache_dir, proposals_file)
-    log["seconds"]["proposals"] = time.perf_counter() - t
+    with _timed(log, "proposals"):
+        proposals = dataset_proposals(dataset, config, cache_dir, proposals_file)
     log["proposals_per_image"] = float(
         sum(len(proposals[r.image_id]) for r in dataset.records) / len(dataset)
     )
     source = make_feature_source(detector, cache_dir)
     images, flipped = training_images(dataset.records, proposals, config)
-    t = time.perf_counter()
-    log["feature_cache"] = source.prepare(images + flipped)
-    log["seconds"]["features"] = time.perf_counter() - t
+    with _timed(log, "features"):
+        log["feature_cache"] = source.prepare(images + flipped)
 
-    t = time.perf_counter()
-    ft_key = finetune_key(method, config, dataset, proposals, detector.backbone)
-    stage = _FinetuneStage(output_dir, ft_key, resume)
-    stage.run(detector, source, images, flipped, config, pretrained, cache_dir, log)
-    log["seconds"]["finetune"] = time.perf_counter() - t
+    with _timed(log, "finetune"):
+        ft_key = finetune_key(method, config, dataset, proposals, detector.backbone)
+        stage = _FinetuneStage(output_dir, ft_key, resume)
+        stage.run(detector, source, images, flipped, config, pretrained, cache_dir, log)
 
-    t = time.perf_counter()
-    detector.eval()
-    svm_ckpt = svm_checkpoint_path(output_dir)  # continued by a rerun after a kill
-    if not resume:
-        svm_ckpt.unlink(missing_ok=True)
-    detector.svms, detector.bbox_regressor, stats = train_svms_and_regressors(
-        detector, source, images, config, checkpoint_path=svm_ckpt
-    )
-    log["classifiers"] = stats
-    log["seconds"]["svm_bbox"] = time.perf_counter() - t
+    with _timed(log, "svm_bbox"):
+        detector.eval()
+        svm_ckpt = svm_checkpoint_path(output_dir)  # continued by a rerun after a kill
+        if not resume:
+            svm_ckpt.unlink(missing_ok=True)
+        detector.svms, detector.bbox_regressor, stats = train_svms_and_regressors(
+            detector, source, images, config, checkpoint_path=svm_ckpt
+        )
+        log["classifiers"] = stats
 
     model_path = output_dir / "model.pt"
     log["model"] = str(model_path)
     with dist.all_ranks_ok("writing model.pt"):  # no rank leaves before rank 0 has written
         if dist.is_main_process():
             # For test.svd_method="responses" (modeling/lowrank.py): seconds; kept in model.pt.
-            detector.head_stats = head_response_stats(
-                detector.head, source, images, seed=config.finetune.seed
-            )
+            with _timed(log, "head_stats"):
+                detector.head_stats = head_response_stats(
+                    detector.head, source, images, seed=config.finetune.seed
+                )
             detector.save(model_path)
             atomic_write_json(output_dir / "train_log.json", log)
             logger.info("wrote %s", model_path)
