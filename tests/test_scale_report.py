@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spp_detect.benchmark.scale import folder_bytes
+from spp_detect.benchmark.resources import RSSSampler, folder_bytes
 from spp_detect.benchmark.scale_report import (
     STAGES,
     TARGETS,
@@ -154,9 +154,9 @@ def test_peak_rss_at_a_dataset_adds_the_caps_that_are_not_yet_full():
 
 
 def test_stage_peaks_follow_the_logged_stage_intervals():
-    from spp_detect.benchmark.scale import _RSSSampler, _stage_peaks
+    from spp_detect.benchmark.scale import _stage_peaks
 
-    rss = _RSSSampler()
+    rss = RSSSampler()
     # One sample per second; RSS = 100 * second + a spike of 5,000 at t=7 (fine-tuning).
     rss.samples = [(float(t), 100 * t + (5000 if t == 7 else 0)) for t in range(0, 21)]
     log = {

@@ -8,33 +8,34 @@ images, split by the time spent in regression), peak RSS and disk (the cache fol
 stage's outputs), fits ``y = a N^b`` by least squares on log-log axes, and extrapolates to VOC07,
 VOC12 and COCO train2017 on this machine.
 
-Peak RSS: a 20 ms sampler in the child sums the RSS of its process tree (proposal workers
-included, so pages shared with them count twice: an upper bound), and stage windows are laid
-end to end from the end of training by ``train_log.json``'s stage seconds (the untimed gaps,
-building the detector and saving the model, are milliseconds); the process's exact peak
-(``getrusage``) is recorded too.
+Peak RSS: a 20 ms sampler in the child (``resources.RSSSampler``) sums the RSS of its process
+tree (proposal workers included, so pages shared with them count twice: an upper bound), and
+each stage's peak is taken over the stage's clock interval that ``train_log.json`` records
+(``train._timed``; SVMs and regression share the pass's peak, up to the end of training); the
+process's exact peak (``getrusage``) and the RSS timeline (one value per second) are recorded
+too. The child fixes glibc's mmap threshold as the command-line tools do
+(``utils.limit_heap_growth``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from spp_detect.benchmark.resources import RSSSampler, folder_bytes
 from spp_detect.benchmark.scale_report import STAGES, TARGETS, analyse_sizes, write_scale_report
 from spp_detect.errors import UserInputError
 from spp_detect.utils import atomic_write_json
 
-__all__ = ["DEFAULT_OVERRIDES", "run_scale_report", "folder_bytes"]
+__all__ = ["DEFAULT_OVERRIDES", "run_scale_report", "collect_size", "pass_caches"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,78 +43,6 @@ logger = logging.getLogger(__name__)
 # ~60 fine-tuning iterations per image would make the 1,000-image run last hours; two per image
 # keep fine-tuning linear in N, so its slope (not its absolute time) carries over.
 DEFAULT_OVERRIDES = ("finetune.iters_per_image=2",)
-_SAMPLE_SECONDS = 0.02
-
-
-# -- measurements --------------------------------------------------------------------------------
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (a file: its size; missing: 0)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _tree_rss(pid: int) -> int:
-    """Bytes of RSS of process ``pid`` and its descendants (Linux /proc; 0 if gone)."""
-    total, todo = 0, [pid]
-    page = os.sysconf("SC_PAGE_SIZE")
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/statm", encoding="ascii") as f:
-                total += int(f.read().split()[1]) * page
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except (OSError, ValueError):
-            continue
-    return total
-
-
-class _RSSSampler:
-    """Samples this process tree's RSS every ``_SAMPLE_SECONDS`` in a thread."""
-
-    def __init__(self) -> None:
-        self.samples: List[Tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        pid = os.getpid()
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), _tree_rss(pid)))
-            self._stop.wait(_SAMPLE_SECONDS)
-
-    def __enter__(self) -> "_RSSSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def timeline(self, origin: float, step: float = 1.0) -> List[List[float]]:
-        """``[seconds since origin, peak RSS]`` per ``step`` seconds (for the report's JSON)."""
-        bins: Dict[int, int] = {}
-        for t, r in self.samples:
-            k = int((t - origin) // step)
-            bins[k] = max(bins.get(k, 0), r)
-        return [[k * step, r] for k, r in sorted(bins.items())]
-
-    def peak(self, start: float = -math.inf, end: float = math.inf) -> int:
-        """Largest sample in ``[start, end]``; a stage shorter than the sampling period gets
-        the samples just around it (RSS at its start and end), never 0."""
-        inside = [r for t, r in self.samples if start <= t <= end]
-        if inside or not self.samples:
-            return max(inside) if inside else 0
-        before = [r for t, r in self.samples if t < start][-1:]
-        after = [r for t, r in self.samples if t > end][:1]
-        return max(before + after)
 
 
 def _stage_seconds(log: Dict[str, Any]) -> Dict[str, float]:
@@ -131,7 +60,7 @@ def _stage_seconds(log: Dict[str, Any]) -> Dict[str, float]:
     }
 
 
-def _stage_peaks(rss: "_RSSSampler", log: Dict[str, Any], t0: float, t1: float) -> Dict[str, int]:
+def _stage_peaks(rss: "RSSSampler", log: Dict[str, Any], t0: float, t1: float) -> Dict[str, int]:
     """Peak RSS of each training stage over its clock interval in ``log`` (``train._timed``).
     SVMs and regression share one pass over the images: both get the pass's peak, up to the
     end of training (response statistics and saving included). A log without intervals (an
@@ -165,7 +94,7 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     weights = spec["weights"]
     pretrained = {"imagenet": True, "none": False}.get(weights, weights)
     result: Dict[str, Any] = {}
-    with _RSSSampler() as rss:
+    with RSSSampler() as rss:
         t0 = time.perf_counter()
         if spec["job"] == "train":
             from spp_detect.training.train import train_detector
