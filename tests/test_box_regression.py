@@ -39,6 +39,22 @@ def test_ridge_primal_dual_and_numpy(n, d):
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,d", [(30, 50), (80, 20)])
+def test_ridge_with_penalised_bias_equals_the_appended_ones_column(n, d):
+    from spp_detect.training.ridge import ridge_solve_with_bias
+
+    rng = np.random.default_rng(n + 1)
+    x = rng.normal(size=(n, d)) + 0.5
+    y = rng.normal(size=(n, 4))
+    a = np.concatenate([x, np.ones((n, 1))], axis=1)  # R-CNN's constant-1 feature
+    ref = np.linalg.solve(a.T @ a + 3.0 * np.eye(d + 1), a.T @ y)
+    for method in ("primal", "dual", "auto"):
+        out = ridge_solve_with_bias(torch.from_numpy(x), torch.from_numpy(y), 3.0, True, method)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="method"):
+        ridge_solve_with_bias(torch.from_numpy(x), torch.from_numpy(y), 3.0, True, "qr")
+
+
 def rcnn_reference(x, y, lam, scale):
     """Float64 numpy port of rcnn_train_bbox_regressor.m's per-class fit and prediction."""
     x = x * scale

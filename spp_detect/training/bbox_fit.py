@@ -11,7 +11,7 @@ solved in closed form. The result is a ``modeling.box_regression.BoxRegressor``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from ..structures.box_coder import BoxCoder
 from ..structures.boxes import matched_box_iou
 from .ridge import ridge_solve_with_bias
 
-__all__ = ["fit_box_regressor", "check_boxes"]
+__all__ = ["fit_box_regressor", "fit_box_regressor_by_class", "check_boxes"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,10 @@ def _whiten(y: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _fit_classes(
-    features: Tensor,
-    boxes: Tensor,
-    gt_boxes: Tensor,
-    labels: Tensor,
+    class_rows: Iterable[Tuple[int, Tensor, Tensor, Tensor]],
     k: int,
+    d: int,
+    device: Any,
     coder: BoxCoder,
     feature_scale: Any,
     *,
@@ -81,36 +80,42 @@ def _fit_classes(
     whiten_targets: bool,
     method: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every class's ridge fit (``fit_box_regressor``'s arguments; boxes and labels on the
-    device of ``features``); returns float64 ``weight[K, D + 1, 4]``, ``target_mean[K, 4]``,
-    ``target_transform[K, 4, 4]`` and ``trained`` BoolTensor[K]."""
-    d = features.shape[1]
-    device = features.device
+    """Every class's ridge fit from ``class_rows``: ``(c, features[N_c, D], boxes, gt_boxes)``
+    per class, taken one at a time (``fit_box_regressor``'s other arguments); a class given
+    no rows keeps the identity. Returns float64 ``weight[K, D + 1, 4]``, ``target_mean[K, 4]``,
+    ``target_transform[K, 4, 4]`` and ``trained`` BoolTensor[K], on ``device``.
+
+    Memory: one class's rows in float64 at a time (scaled in place) and its ridge system.
+    """
     weight = torch.zeros(k, d + 1, 4, dtype=torch.float64, device=device)
     mean = torch.zeros(k, 4, dtype=torch.float64, device=device)
     transform = torch.eye(4, dtype=torch.float64, device=device).repeat(k, 1, 1)
     trained = torch.zeros(k, dtype=torch.bool, device=device)
-    selected = matched_box_iou(boxes.double(), gt_boxes.double()) > iou_thresh
-    for c in range(k):
-        idx = torch.nonzero(selected & (labels == c)).flatten()
-        if idx.numel() < min_samples:
-            logger.warning(
-                "box regression: class %d has %d training windows (< %d); it keeps the identity",
-                c,
-                idx.numel(),
-                min_samples,
-            )
+    counts = [0] * k
+    for c, features, boxes, gt_boxes in class_rows:
+        boxes, gt_boxes = boxes.to(device).double(), gt_boxes.to(device).double()
+        keep = torch.nonzero(matched_box_iou(boxes, gt_boxes) > iou_thresh).flatten()
+        counts[c] = keep.numel()
+        if keep.numel() < min_samples:
             continue
-        x = features[idx].double() * feature_scale
-        y = coder.get_deltas(boxes[idx].double(), gt_boxes[idx].double())
+        x = features[keep.to(features.device)].to(device=device, dtype=torch.float64)
+        x.mul_(feature_scale)
+        y = coder.get_deltas(boxes[keep], gt_boxes[keep])
         mu = y.mean(dim=0)
         y = y - mu
         if whiten_targets:
             y, transform[c] = _whiten(y)
         weight[c] = ridge_solve_with_bias(x, y, lambda_, regularize_bias, method)
+        del x
         mean[c] = mu
         trained[c] = True
-        logger.info("box regression: class %d trained on %d windows", c, idx.numel())
+        logger.info("box regression: class %d trained on %d windows", c, keep.numel())
+    for c in range(k):
+        if not trained[c]:
+            logger.warning(
+                "box regression: class %d has %d training windows (< %d); it keeps the identity",
+                *(c, counts[c], min_samples),
+            )
     return weight, mean, transform, trained
 
 
@@ -188,30 +193,54 @@ def fit_box_regressor(
     Returns:
         A ``BoxRegressor`` on the device of ``features``.
     """
-    if lambda_ <= 0:
-        raise ValueError(f"fit_box_regressor: lambda_ must be positive, got {lambda_}")
     _check_fit_inputs(features, boxes, gt_boxes, labels, num_classes)
     n = features.shape[0]
-    min_samples = max(1, int(min_samples))
-    device = features.device
     if feature_scale is None:
         mean_norm = float(features.double().norm(dim=1).mean()) if n else 0.0
         feature_scale = feature_norm / mean_norm if mean_norm > 0 else 1.0
-    k = num_classes
+    labels = labels.to(features.device)
+    rows = (
+        (c, features[m], boxes[m.to(boxes.device)], gt_boxes[m.to(gt_boxes.device)])
+        for c, m in ((c, labels == c) for c in range(num_classes))
+    )
+    return fit_box_regressor_by_class(
+        rows, num_classes, features.shape[1], feature_scale, device=features.device,
+        lambda_=lambda_, iou_thresh=iou_thresh, min_samples=min_samples,
+        regularize_bias=regularize_bias, whiten_targets=whiten_targets, weights=weights,
+        method=method,
+    )  # fmt: skip
+
+
+def fit_box_regressor_by_class(
+    class_rows: Iterable[Tuple[int, Tensor, Tensor, Tensor]],
+    num_classes: int,
+    feature_dim: int,
+    feature_scale: float,
+    *,
+    device: Any = "cpu",
+    lambda_: float = 4000.0,
+    iou_thresh: float = 0.5,
+    min_samples: int = 10,
+    regularize_bias: bool = True,
+    whiten_targets: bool = True,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    method: str = "auto",
+) -> BoxRegressor:
+    """``fit_box_regressor`` from each class's rows, one class at a time, so that the rows of
+    all classes are never copied together (the box-regression trainer keeps them per class).
+
+    Args:
+        class_rows: ``(class, features[N_c, D], boxes[N_c, 4], gt_boxes[N_c, 4])`` per class
+            with training windows (a generator is consumed once); the others keep the identity.
+        feature_dim: D. feature_scale: the factor the features are multiplied by.
+        device: where the fit runs and the regressor lives. The rest: ``fit_box_regressor``.
+    """
+    if lambda_ <= 0:
+        raise ValueError(f"fit_box_regressor: lambda_ must be positive, got {lambda_}")
     coder = BoxCoder(weights)
     weight, mean, transform, trained = _fit_classes(
-        features,
-        boxes.to(device),
-        gt_boxes.to(device),
-        labels.to(device),
-        k,
-        coder,
-        feature_scale,
-        lambda_=lambda_,
-        iou_thresh=iou_thresh,
-        min_samples=min_samples,
-        regularize_bias=regularize_bias,
-        whiten_targets=whiten_targets,
-        method=method,
-    )
+        class_rows, num_classes, feature_dim, device, coder, feature_scale,
+        lambda_=lambda_, iou_thresh=iou_thresh, min_samples=max(1, int(min_samples)),
+        regularize_bias=regularize_bias, whiten_targets=whiten_targets, method=method,
+    )  # fmt: skip
     return _to_regressor(weights, coder, feature_scale, weight, mean, transform, trained)

@@ -13,7 +13,7 @@ from torchvision.ops import box_iou
 
 from ..config import BBoxRegConfig
 from ..modeling.box_regression import BoxRegressor
-from .bbox_fit import check_boxes, fit_box_regressor
+from .bbox_fit import check_boxes, fit_box_regressor_by_class
 
 __all__ = ["BoxRegressionTrainer"]
 
@@ -231,19 +231,28 @@ class BoxRegressionTrainer:
                 )
         fitted = list(range(num_classes)) if self.classes is None else self.classes
         index = {c: i for i, c in enumerate(fitted)}  # class -> row of the fit
-        labels = [torch.full((self.class_samples(c),), index[c]) for c in classes]
-        # Features stay in their storage dtype: the fit converts one class at a time to float64.
-        part = fit_box_regressor(
-            torch.cat([t for c in classes for t in self._features[c]]),
-            torch.cat([t for c in classes for t in self._boxes[c]]),
-            torch.cat([t for c in classes for t in self._gt[c]]),
-            torch.cat(labels),
-            len(fitted),
-            lambda_=self.lambda_,
-            iou_thresh=self.iou_thresh,
-            feature_scale=feature_scale,
-            **kwargs,
+        if feature_scale is None:  # R-CNN: mean norm of all rows, summed class by class
+            norms = [t.double().norm(dim=1) for c in classes for t in self._features[c]]
+            mean_norm = float(torch.cat(norms).mean())
+            norm = float(kwargs.get("feature_norm", 20.0))
+            feature_scale = norm / mean_norm if mean_norm > 0 else 1.0
+        kwargs.pop("feature_norm", None)
+
+        def one(parts: List[Tensor]) -> Tensor:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        # One class at a time, from its own store (no copy of every class's rows together);
+        # features stay in their storage dtype until the fit converts that class to float64.
+        rows = (
+            (index[c], one(self._features[c]), one(self._boxes[c]), one(self._gt[c]))
+            for c in classes
         )
+        feature_dim = self._features[classes[0]][0].shape[1]
+        part = fit_box_regressor_by_class(
+            rows, len(fitted), feature_dim, feature_scale,
+            device=self._features[classes[0]][0].device,
+            lambda_=self.lambda_, iou_thresh=self.iou_thresh, **kwargs,
+        )  # fmt: skip
         return part if self.classes is None else _expand(part, fitted, num_classes)
 
 

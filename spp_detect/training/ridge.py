@@ -23,14 +23,7 @@ def ridge_solve(x: Tensor, y: Tensor, lambda_: float, method: str = "auto") -> T
     Returns:
         Tensor[D, T] float64 on the device of ``x``.
     """
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"ridge_solve: need x[N, D], y[N, T], got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
-    if lambda_ <= 0:
-        raise ValueError(f"ridge_solve: lambda_ must be positive, got {lambda_}")
-    if method not in ("auto", "primal", "dual"):
-        raise ValueError(f"ridge_solve: method must be auto, primal or dual, got {method!r}")
+    _check(x, y, lambda_, method)
     x = x.double()
     y = y.to(device=x.device, dtype=torch.float64)
     n, d = x.shape
@@ -47,15 +40,49 @@ def ridge_solve(x: Tensor, y: Tensor, lambda_: float, method: str = "auto") -> T
     return x.T @ torch.cholesky_solve(y, chol)
 
 
+def _check(x: Tensor, y: Tensor, lambda_: float, method: str) -> None:
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"ridge_solve: need x[N, D], y[N, T], got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    if lambda_ <= 0:
+        raise ValueError(f"ridge_solve: lambda_ must be positive, got {lambda_}")
+    if method not in ("auto", "primal", "dual"):
+        raise ValueError(f"ridge_solve: method must be auto, primal or dual, got {method!r}")
+
+
 def ridge_solve_with_bias(
     x: Tensor, y: Tensor, lambda_: float, regularize_bias: bool, method: str
 ) -> Tensor:
     """Tensor[D + 1, 4]: ridge weights with the bias in the last row."""
-    ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
     if regularize_bias:
         # R-CNN / SPP_net: a constant-1 feature, penalised like the others.
-        return ridge_solve(torch.cat([x, ones], dim=1), y, lambda_, method)
+        return _ridge_with_ones(x, y, lambda_, method)
     x_mean = x.mean(dim=0)
     w = ridge_solve(x - x_mean, y - y.mean(dim=0), lambda_, method)
     b = y.mean(dim=0) - x_mean @ w
     return torch.cat([w, b[None]], dim=0)
+
+
+def _ridge_with_ones(x: Tensor, y: Tensor, lambda_: float, method: str) -> Tensor:
+    """``ridge_solve([x, 1], y)`` without building ``[x, 1]`` (a second copy of the N x D
+    float64 rows, the largest thing the box-regression fit holds): the ones column enters the
+    dual kernel as ``+ 1`` and the primal system as one extra row and column."""
+    _check(x, y, lambda_, method)
+    x = x.double()
+    y = y.to(device=x.device, dtype=torch.float64)
+    n, d = x.shape
+    if method == "auto":
+        method = "dual" if n < d + 1 else "primal"
+    if method == "dual":
+        kernel = x @ x.T
+        kernel.add_(1.0).diagonal().add_(lambda_)
+        alpha = torch.cholesky_solve(y, torch.linalg.cholesky(kernel))
+        return torch.cat([x.T @ alpha, alpha.sum(dim=0, keepdim=True)], dim=0)
+    gram = x.new_empty(d + 1, d + 1)
+    torch.matmul(x.T, x, out=gram[:d, :d])
+    col = x.sum(dim=0)
+    gram[:d, d], gram[d, :d], gram[d, d] = col, col, float(n)
+    gram.diagonal().add_(lambda_)
+    rhs = torch.cat([x.T @ y, y.sum(dim=0, keepdim=True)], dim=0)
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
