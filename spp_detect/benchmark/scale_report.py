@@ -278,7 +278,7 @@ def _extrapolated_lines(extrapolated: Dict[str, Dict[str, Any]]) -> List[str]:
         "## Extrapolated to full datasets on this machine",
         "",
         "Time and disk: the per-image rate of the largest run times N (the pipeline is per "
-        "image); the power-law total is given for comparison. Peak RSS: the power-law fit.",
+        "image); the power-law total is given for comparison. Peak RSS: see below the table.",
         "",
         "| dataset | train / test images | proposals | conv cache | fine-tuning | SVMs | "
         "regression | testing | total time | total (power law) | peak RSS (MB) | disk (MB) |",
@@ -296,8 +296,8 @@ def _extrapolated_lines(extrapolated: Dict[str, Dict[str, Any]]) -> List[str]:
         "",
         "Fine-tuning ran the short configuration's iterations per image; at the paper's "
         "300k iterations on VOC07 (~60 per image) it is that many times longer. Peak RSS per "
-        "stage sums the process tree (proposal workers included) and is aligned on the stage "
-        "seconds of `train_log.json`. SVMs and regression share one pass over the images; "
+        "stage sums the process tree (proposal workers included) over the stage's clock "
+        "interval in `train_log.json`. SVMs and regression share one pass over the images; "
         "regression's time is the time spent sampling and fitting it, and its disk is inside "
         "`model.pt` (counted under svm).",
         "",
