@@ -87,6 +87,23 @@ def test_spp_pooling_from_the_conv_cache_equals_the_in_memory_path(tmp_path):
         assert torch.equal(a, pooled[inverse].half().float())
 
 
+def test_conv_map_lru_takes_its_share_of_the_training_budget(tmp_path):
+    from spp_detect.training.train import CONV_LRU_SHARE, make_feature_source
+
+    cfg = apply_overrides(_config(), ["memory_budget_mb=8"])
+    det = build_detector("spp", ["a", "b"], cfg, pretrained=False).eval()
+    source = make_feature_source(det, tmp_path)
+    # The LRU of conv maps and the pooled windows share the budget (the LRU was a fixed 2 GiB).
+    assert source.cache.memory_bytes == (8 << 20) // CONV_LRU_SHARE
+    assert source.cache.memory_bytes + source.memory_bytes == 8 << 20
+    images = _images(tmp_path, n=4)
+    per_map = sum(m.numel() * m.element_size() for m in source.cache.get(images[0].record)[0])
+    source.cache.memory_bytes = 2 * per_map  # room for two maps: the LRU keeps the last two
+    for im in images:
+        source.cache.get(im.record)
+    assert source.cache._lru_bytes <= 2 * per_map and list(source.cache._lru) == ["im2", "im3"]
+
+
 def test_rcnn_features_stay_on_disk_within_the_budget(tmp_path):
     torch.manual_seed(0)
     det = build_detector("rcnn", ["a", "b"], _config(), pretrained=False).eval()

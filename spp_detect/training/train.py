@@ -63,14 +63,20 @@ def make_feature_source(detector, cache_dir: Path):
         from spp_detect.training.conv_cache import ConvFeatureCache
         from spp_detect.training.window_features import SPPWindowFeatures
 
+        # The conv maps' LRU takes its share of the budget (it was a fixed 2 GiB, outside it:
+        # the scale report's fine-tuning peak grew with the cache up to that); the pooled
+        # windows get the rest. Values never depend on either.
+        budget = memory_budget(detector.config.memory_budget_mb)
+        lru = budget // CONV_LRU_SHARE
         cache = ConvFeatureCache(
-            cache_dir / "conv_features", detector, dtype=detector.config.feature_cache_dtype
-        )
+            cache_dir / "conv_features", detector, dtype=detector.config.feature_cache_dtype,
+            memory_bytes=lru,
+        )  # fmt: skip
         return SPPWindowFeatures(
             detector,
             cache,
             random_scale=detector.config.finetune.random_scale,
-            memory_bytes=memory_budget(detector.config.memory_budget_mb),
+            memory_bytes=budget - lru,
         )
     from spp_detect.training.rcnn_features import RCNNWindowFeatures
 
@@ -81,6 +87,11 @@ def make_feature_source(detector, cache_dir: Path):
         memory_bytes=memory_budget(detector.config.memory_budget_mb),
     )
 
+
+# Share of the training memory budget (memory_budget_mb) that the conv maps' LRU may hold:
+# on-demand pooling reads each image's map once per pool refill and the SVM pass once per
+# image, so a small LRU loses little (the maps of a 1,000-image set take 455 MB on disk).
+CONV_LRU_SHARE = 8
 
 # The config sections that determine the fine-tuned head (its checkpoint's key).
 _FINETUNE_INPUTS = ("model", "data", "proposals", "distill", "finetune", "feature_cache_dtype")
