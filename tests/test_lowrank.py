@@ -164,4 +164,4 @@ def test_speed_report_fast_method_is_low_rank_for_both_methods_or_for_neither():
     dets, info = build_method_detectors(methods, ["a", "b"], cfg, torch.device("cpu"), model=model)
     assert info["spp-1scale-fast"]["test_options"]["svd_ranks"] == [0, 0]
     assert info["rcnn"]["test_options"]["svd_ranks"] == [0, 0]
-    assert info["rcnn"]["test_options"]["fast_head"] == "bf16"
+    assert info["rcnn"]["test_options"]["fast_head"] == "int8map"  # FAST_OPTIONS

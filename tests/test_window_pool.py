@@ -603,8 +603,9 @@ def test_bench_pool_variants_are_exact(tmp_path):
     argv = "--variants --channels 8 --windows 60 --warmup 0 --repeats 1 --threads 1".split()
     args = bench.get_args_parser().parse_args(argv + ["--baseline", str(baseline)])
     result = bench.main(args)["variants"]
-    assert len(result["exact"]) == len(bench.VARIANTS) + 1 and all(result["exact"].values())
-    assert set(result["ms"]["1"]) == set(result["cpu_ms"]["1"]) and len(result["ms"]["1"]) == 9
+    # The layout/dtype variants, the baseline and test.fast_head=int8map's int8 pooling.
+    assert len(result["exact"]) == len(bench.VARIANTS) + 2 and all(result["exact"].values())
+    assert set(result["ms"]["1"]) == set(result["cpu_ms"]["1"]) and len(result["ms"]["1"]) == 10
 
 
 @pytest.mark.cuda
