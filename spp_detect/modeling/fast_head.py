@@ -204,8 +204,6 @@ class FastFCHead(nn.Module):
         Tensor[R, hidden] float32 (fc7 after ReLU). No dropout: for testing only."""
         if dropout:
             raise ValueError("a fast head is for testing only (no dropout)")
-        if isinstance(pooled, Int8Rows) and self.fast_mode != "int8map":
-            pooled = pooled.dequantize()
         if self.fast_mode != "int8map":  # int8map's first map quantises float rows itself
             pooled = pooled.to(self.dtype)
         # input_scale is in fc6's weight. ReLU in place: each ~2,000 x 4,096 temporary is a

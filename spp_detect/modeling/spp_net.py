@@ -149,12 +149,13 @@ class SPPDetector(WindowDetector):
                 )
         uniq, inverse = _unique_rows(keys)
         pooled = maps[0].new_empty(uniq.shape[0], self.pooled_dim, dtype=dtype)
-        row_scale = maps[0].new_ones(uniq.shape[0], 1, dtype=torch.float32)
+        quantised = dtype == torch.int8
+        row_scale = maps[0].new_ones(uniq.shape[0], 1, dtype=torch.float32) if quantised else None
         stops = torch.bincount(uniq[:, 0], minlength=len(maps)).cumsum(0).tolist()
         for s, fmap in enumerate(maps):
             start, stop = (stops[s - 1] if s else 0), stops[s]
             if stop > start:
-                if dtype == torch.int8:
+                if quantised:
                     fmap, scale = quantize_map(fmap)
                     row_scale[start:stop] = scale
                 pool_windows(
@@ -165,7 +166,7 @@ class SPPDetector(WindowDetector):
                     dtype=dtype,
                     out=pooled[start:stop],
                 )
-        if dtype == torch.int8:
+        if quantised:
             return Int8Rows(pooled, row_scale), inverse
         return pooled, inverse
 

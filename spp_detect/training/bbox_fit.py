@@ -21,7 +21,7 @@ from ..structures.box_coder import BoxCoder
 from ..structures.boxes import matched_box_iou
 from .ridge import ridge_solve_with_bias
 
-__all__ = ["fit_box_regressor", "fit_box_regressor_by_class", "check_boxes"]
+__all__ = ["fit_box_regressor", "fit_box_regressor_by_class", "scale_from_norms", "check_boxes"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,13 @@ def _to_regressor(
 
 
 @torch.no_grad()
+def scale_from_norms(norms: Tensor, feature_norm: float = 20.0) -> float:
+    """``feature_norm / mean(norms)`` for the L2 norms of the training rows (R-CNN /
+    SPP_net ``*_scale_features``); 1.0 when there are none or they are all zero."""
+    mean_norm = float(norms.mean()) if norms.numel() else 0.0
+    return feature_norm / mean_norm if mean_norm > 0 else 1.0
+
+
 def fit_box_regressor(
     features: Tensor,
     boxes: Tensor,
@@ -152,15 +159,9 @@ def fit_box_regressor(
     labels: Tensor,
     num_classes: int,
     *,
-    lambda_: float = 4000.0,
-    iou_thresh: float = 0.5,
     feature_norm: float = 20.0,
     feature_scale: Optional[float] = None,
-    min_samples: int = 10,
-    regularize_bias: bool = True,
-    whiten_targets: bool = True,
-    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    method: str = "auto",
+    **options: Any,
 ) -> BoxRegressor:
     """Train every class's regressor in closed form.
 
@@ -171,44 +172,28 @@ def fit_box_regressor(
             with the highest IoU), same frame.
         labels (LongTensor[N]): 0-based class of that ground truth.
         num_classes: K.
-        lambda_: ridge weight (SPP_net code: 4000; R-CNN: 1000), relative to features scaled to
-            a mean norm of ``feature_norm``.
-        iou_thresh: only rows with ``IoU(box, gt) > iou_thresh`` are used (SPP_net code: 0.5;
-            R-CNN: 0.6; strict as ``O > opts.min_overlap`` in R-CNN).
         feature_norm: features are scaled by one factor so their mean L2 norm is this (R-CNN /
             SPP_net ``*_scale_features``: 20).
         feature_scale: that factor if known; None computes ``feature_norm / mean ||f_i||`` over
             all N rows (R-CNN computes it on a random sample of windows; pass such a value to
             follow it exactly).
-        min_samples: a class with fewer training windows keeps the identity (zero deltas) and a
-            warning is logged (ours, not the papers': with a handful of windows the fit would
-            shift every window by their mean delta).
-        regularize_bias: True penalises the bias weight like every other weight, as R-CNN and
-            SPP_net do (they append a constant-1 feature); False leaves it free (solved on
-            centred features). The targets are centred first, so the two barely differ.
-        whiten_targets: centre and decorrelate the targets per class (R-CNN); False only
-            centres them.
-        weights: ``(wx, wy, ww, wh)`` of the ``BoxCoder`` (1 in R-CNN).
-        method: ridge solver, "auto" (dual when N_c < D + 1), "primal" or "dual".
+        options: the fit's settings (``lambda_``, ``iou_thresh``, ``min_samples``,
+            ``regularize_bias``, ``whiten_targets``, ``weights``, ``method``): see
+            ``fit_box_regressor_by_class``.
     Returns:
         A ``BoxRegressor`` on the device of ``features``.
     """
     _check_fit_inputs(features, boxes, gt_boxes, labels, num_classes)
-    n = features.shape[0]
     if feature_scale is None:
-        mean_norm = float(features.double().norm(dim=1).mean()) if n else 0.0
-        feature_scale = feature_norm / mean_norm if mean_norm > 0 else 1.0
+        feature_scale = scale_from_norms(features.double().norm(dim=1), feature_norm)
     labels = labels.to(features.device)
     rows = (
         (c, features[m], boxes[m.to(boxes.device)], gt_boxes[m.to(gt_boxes.device)])
         for c, m in ((c, labels == c) for c in range(num_classes))
     )
     return fit_box_regressor_by_class(
-        rows, num_classes, features.shape[1], feature_scale, device=features.device,
-        lambda_=lambda_, iou_thresh=iou_thresh, min_samples=min_samples,
-        regularize_bias=regularize_bias, whiten_targets=whiten_targets, weights=weights,
-        method=method,
-    )  # fmt: skip
+        rows, num_classes, features.shape[1], feature_scale, device=features.device, **options
+    )
 
 
 def fit_box_regressor_by_class(
@@ -233,7 +218,21 @@ def fit_box_regressor_by_class(
         class_rows: ``(class, features[N_c, D], boxes[N_c, 4], gt_boxes[N_c, 4])`` per class
             with training windows (a generator is consumed once); the others keep the identity.
         feature_dim: D. feature_scale: the factor the features are multiplied by.
-        device: where the fit runs and the regressor lives. The rest: ``fit_box_regressor``.
+        device: where the fit runs and the regressor lives.
+        lambda_: ridge weight (SPP_net code: 4000; R-CNN: 1000), relative to features scaled to
+            a mean norm of 20.
+        iou_thresh: only rows with ``IoU(box, gt) > iou_thresh`` are used (SPP_net code: 0.5;
+            R-CNN: 0.6; strict as ``O > opts.min_overlap`` in R-CNN).
+        min_samples: a class with fewer training windows keeps the identity (zero deltas) and a
+            warning is logged (ours, not the papers': with a handful of windows the fit would
+            shift every window by their mean delta).
+        regularize_bias: True penalises the bias weight like every other weight, as R-CNN and
+            SPP_net do (they append a constant-1 feature); False leaves it free (solved on
+            centred features). The targets are centred first, so the two barely differ.
+        whiten_targets: centre and decorrelate the targets per class (R-CNN); False only
+            centres them.
+        weights: ``(wx, wy, ww, wh)`` of the ``BoxCoder`` (1 in R-CNN).
+        method: ridge solver, "auto" (dual when N_c < D + 1), "primal" or "dual".
     """
     if lambda_ <= 0:
         raise ValueError(f"fit_box_regressor: lambda_ must be positive, got {lambda_}")

@@ -13,7 +13,7 @@ from torchvision.ops import box_iou
 
 from ..config import BBoxRegConfig
 from ..modeling.box_regression import BoxRegressor
-from .bbox_fit import check_boxes, fit_box_regressor_by_class
+from .bbox_fit import check_boxes, fit_box_regressor_by_class, scale_from_norms
 
 __all__ = ["BoxRegressionTrainer"]
 
@@ -231,12 +231,10 @@ class BoxRegressionTrainer:
                 )
         fitted = list(range(num_classes)) if self.classes is None else self.classes
         index = {c: i for i, c in enumerate(fitted)}  # class -> row of the fit
-        if feature_scale is None:  # R-CNN: mean norm of all rows, summed class by class
+        feature_norm = float(kwargs.pop("feature_norm", 20.0))
+        if feature_scale is None:  # R-CNN: mean norm of all rows, taken class by class
             norms = [t.double().norm(dim=1) for c in classes for t in self._features[c]]
-            mean_norm = float(torch.cat(norms).mean())
-            norm = float(kwargs.get("feature_norm", 20.0))
-            feature_scale = norm / mean_norm if mean_norm > 0 else 1.0
-        kwargs.pop("feature_norm", None)
+            feature_scale = scale_from_norms(torch.cat(norms), feature_norm)
 
         def one(parts: List[Tensor]) -> Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
