@@ -303,7 +303,8 @@ def test_trainer_of_a_class_subset_keeps_and_fits_each_class_as_the_full_trainer
         reg = part.fit(3, feature_scale=0.5, min_samples=5)
         for c in range(3):
             if c in classes:
-                for store in ("_features", "_boxes", "_gt"):
+                assert torch.equal(part.class_features(c), full.class_features(c)), (classes, c)
+                for store in ("_boxes", "_gt"):
                     assert torch.equal(
                         torch.cat(getattr(part, store)[c]), torch.cat(getattr(full, store)[c])
                     ), (classes, c, store)

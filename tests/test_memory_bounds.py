@@ -224,7 +224,7 @@ def test_reservoir_keeps_a_uniform_sample_within_the_cap():
             feats = (torch.arange(5.0) + 5 * image)[:, None]
             trainer.add_image(feats, windows, gt, torch.tensor([0]))
             assert trainer.class_samples(0) == min(5, 5 * (image + 1))
-        kept = trainer._features[0][0].flatten().long()
+        kept = trainer.class_features(0).flatten().long()
         assert len(set(kept.tolist())) == 5
         counts[kept] += 1
     # Each window is kept with probability 5 / 20 (binomial sd 0.022 over 400 trials).

@@ -97,6 +97,7 @@ def test_scale_report_on_two_tiny_sizes(tmp_path):
     assert caches["negative_bytes"] == 16 * 4  # model.hidden=16, float32
     assert caches["bbox_sample_bytes"] % 50 == 0  # 50 bins x C channels, float16
     assert 0 < caches["bbox_samples"] <= caches["classes"] * caches["bbox_cap_per_class"]
+    assert caches["bbox_in_memory"] is False  # spilled beside the pass's checkpoint
     md = (out / "scale.md").read_text()
     assert "VOC07" in md and "COCO train2017" in md and "tools/scale_report.py" in md
     assert ("**flat**" in md) == report["peak_rss_flat"]
@@ -132,6 +133,10 @@ def test_peak_rss_at_a_dataset_adds_the_caps_that_are_not_yet_full():
     bound = (20 * 10000 + 12608) * 4096 + 20 * 5000 * 11200
     assert cache_bytes(caches, 20, 12608) == bound
     assert cache_bytes(dict(caches, bbox_cap_per_class=0), 20, 12608) is None  # no cap: no bound
+    # Spilled regression samples (sample_store) are on disk: only the SVM caches count.
+    spilled = dict(caches, bbox_in_memory=False, bbox_cap_per_class=0)
+    assert cache_bytes(spilled) == (3000 + 2500) * 4096
+    assert cache_bytes(spilled, 20, 12608) == (20 * 10000 + 12608) * 4096
     small = {s: 1e9 for s in STAGES}
     grows = dict(small, proposals=2e9, svm=1.5e9)  # proposals doubles from N=300 to 1,000
     sizes = [_size(100, small), _size(300, small), _size(1000, grows, caches)]

@@ -284,6 +284,8 @@ def pass_caches(model_path: Path, voc_root: Path, log: Dict[str, Any]) -> Dict[s
         "bbox_samples": int(done.get("bbox_samples", 0)),
         "bbox_cap_per_class": int(cfg["bbox_reg"]["max_samples"]),
         "bbox_sample_bytes": int(pooled_dim) * 2,
+        # Spilled to disk (sample_store.RowStore) since the pass checkpoints itself.
+        "bbox_in_memory": bool(done.get("bbox_in_memory", True)),
     }
 
 

@@ -68,13 +68,16 @@ def _predict(fit: Optional[Dict[str, float]], n: float) -> Optional[float]:
 def cache_bytes(caches: Dict[str, int], classes: Optional[int] = None, objects: int = 0) -> float:
     """Bytes of what the SVM and box-regression pass keeps: the positives' fc7 (one per
     training object), the hard-negative caches (float32 fc7) and the regression samples
-    (float16 pooled features). With ``classes`` None: as a measured run held them at its end
-    (``caches`` from ``scale.collect_size``); else their bound for a dataset of ``classes``
-    classes and ``objects`` training objects, every per-class cap full. None without caps."""
-    neg, box = caches["negative_bytes"], caches["bbox_sample_bytes"]
+    (float16 pooled features; in memory only for runs before they were spilled to disk, as
+    ``caches["bbox_in_memory"]`` says). With ``classes`` None: as a measured run held them at
+    its end (``caches`` from ``scale.collect_size``); else their bound for a dataset of
+    ``classes`` classes and ``objects`` training objects, every per-class cap full. None
+    without caps."""
+    neg = caches["negative_bytes"]
+    box = caches["bbox_sample_bytes"] if caches.get("bbox_in_memory", True) else 0
     if classes is None:
         return (caches["negatives"] + caches["objects"]) * neg + caches["bbox_samples"] * box
-    if not (caches["negatives_cap_per_class"] and caches["bbox_cap_per_class"]):
+    if not caches["negatives_cap_per_class"] or (box and not caches["bbox_cap_per_class"]):
         return None
     return (classes * caches["negatives_cap_per_class"] + objects) * neg + (
         classes * caches["bbox_cap_per_class"] * box
@@ -256,9 +259,10 @@ def _cache_lines(sizes: List[Dict[str, Any]]) -> List[str]:
         "What the SVM and regression pass held at its end (positives: one fc7 per training "
         f"object, {c['negative_bytes']:,} B; hard negatives: cap {c['negatives_cap_per_class']:,}"
         f" per class, {c['negative_bytes']:,} B; regression samples: cap "
-        f"{c['bbox_cap_per_class']:,} per class, {c['bbox_sample_bytes']:,} B):",
+        f"{c['bbox_cap_per_class']:,} per class, {c['bbox_sample_bytes']:,} B, "
+        f"{'in memory' if c.get('bbox_in_memory', True) else 'on disk, not counted in MB'}):",
         "",
-        "| N | classes | objects | hard negatives | regression samples | MB | "
+        "| N | classes | objects | hard negatives | regression samples | MB in memory | "
         "regression caps full |",
         "|---:|---:|---:|---:|---:|---:|:---:|",
     ]

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..modeling.box_regression import BoxRegressor
 from ..structures.box_coder import BoxCoder
 from ..structures.boxes import matched_box_iou
-from .ridge import ridge_solve_with_bias
+from .ridge import NormalEquations, ridge_memory, ridge_solve_with_bias
 
 __all__ = ["fit_box_regressor", "fit_box_regressor_by_class", "scale_from_norms", "check_boxes"]
 
@@ -94,22 +94,21 @@ def _fit_classes(
     counts = [0] * k
     for c, features, boxes, gt_boxes in class_rows:
         boxes, gt_boxes = boxes.to(device).double(), gt_boxes.to(device).double()
-        keep = torch.nonzero(matched_box_iou(boxes, gt_boxes) > iou_thresh).flatten()
-        counts[c] = keep.numel()
-        if keep.numel() < min_samples:
+        keep = matched_box_iou(boxes, gt_boxes) > iou_thresh
+        counts[c] = int(keep.sum())
+        if counts[c] < min_samples:
             continue
-        x = features[keep.to(features.device)].to(device=device, dtype=torch.float64)
-        x.mul_(feature_scale)
         y = coder.get_deltas(boxes[keep], gt_boxes[keep])
         mu = y.mean(dim=0)
         y = y - mu
         if whiten_targets:
             y, transform[c] = _whiten(y)
-        weight[c] = ridge_solve_with_bias(x, y, lambda_, regularize_bias, method)
-        del x
+        weight[c] = _solve_class(
+            features, keep, y, feature_scale, d, device, lambda_, regularize_bias, method
+        )
         mean[c] = mu
         trained[c] = True
-        logger.info("box regression: class %d trained on %d windows", c, keep.numel())
+        logger.info("box regression: class %d trained on %d windows", c, counts[c])
     for c in range(k):
         if not trained[c]:
             logger.warning(
@@ -117,6 +116,55 @@ def _fit_classes(
                 *(c, counts[c], min_samples),
             )
     return weight, mean, transform, trained
+
+
+# Rows per chunk of the primal fit's streamed normal equations.
+_CHUNK_ROWS = 1024
+
+
+def _row_chunks(features) -> Iterable[Tensor]:
+    """A class's feature rows in order, ``_CHUNK_ROWS`` at a time: from a Tensor, or from an
+    object with ``chunks(rows)`` (``bbox_training``'s rows read back from disk)."""
+    if hasattr(features, "chunks"):
+        yield from features.chunks(_CHUNK_ROWS)
+        return
+    for start in range(0, features.shape[0], _CHUNK_ROWS):
+        yield features[start : start + _CHUNK_ROWS]
+
+
+def _solve_class(
+    features, keep, y, feature_scale, d, device, lambda_, regularize_bias, method
+) -> Tensor:
+    """One class's ridge weights ``Tensor[D + 1, 4]`` from its rows ``features[keep]`` times
+    ``feature_scale`` and its targets ``y``. "auto" takes the solver that holds less memory
+    (``ridge.ridge_memory``): the dual (rows in float64 and the N x N kernel) for few rows,
+    else the primal from normal equations summed over chunks of rows, whose (D + 1)^2 system
+    does not grow with the number of rows (issue 10: a flat peak)."""
+    n = int(keep.sum())
+    if method == "auto":
+        method = min(("dual", "primal"), key=lambda m: ridge_memory(n, d, m))
+    keep = keep.cpu()
+    if method == "primal":
+        normal = NormalEquations(d, y.shape[1], device=device)
+        done = 0
+        for start, chunk in _offsets(_row_chunks(features)):
+            rows = torch.nonzero(keep[start : start + chunk.shape[0]]).flatten()
+            if rows.numel():
+                x = chunk[rows.to(chunk.device)].to(device=device, dtype=torch.float64)
+                normal.add(x.mul_(feature_scale), y[done : done + rows.numel()])
+                done += rows.numel()
+        return normal.solve(lambda_, regularize_bias)
+    x = torch.cat([chunk[keep[i : i + chunk.shape[0]].to(chunk.device)] for i, chunk in
+                   _offsets(_row_chunks(features))])  # fmt: skip
+    x = x.to(device=device, dtype=torch.float64).mul_(feature_scale)
+    return ridge_solve_with_bias(x, y, lambda_, regularize_bias, method)
+
+
+def _offsets(chunks: Iterable[Tensor]) -> Iterable[Tuple[int, Tensor]]:
+    start = 0
+    for chunk in chunks:
+        yield start, chunk
+        start += chunk.shape[0]
 
 
 def _to_regressor(

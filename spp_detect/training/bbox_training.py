@@ -4,7 +4,8 @@ fitting them (``bbox_fit.fit_box_regressor``: R-CNN's per-class ridge regression
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from torchvision.ops import box_iou
 from ..config import BBoxRegConfig
 from ..modeling.box_regression import BoxRegressor
 from .bbox_fit import check_boxes, fit_box_regressor_by_class, scale_from_norms
+from .sample_store import RowStore
 
 __all__ = ["BoxRegressionTrainer"]
 
@@ -43,6 +45,8 @@ class BoxRegressionTrainer:
         store_dtype: the samples' features are kept on the CPU in this dtype (float16 halves
             the memory of thousands of 12,800-D windows).
         classes: gather and fit only these classes (None: all); the others are skipped.
+        spill_dir: keep the samples' features in files there (``sample_store.RowStore``), so
+            that neither gathering nor the fit holds them all in memory; None: in memory.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class BoxRegressionTrainer:
         seed: int = 0,
         store_dtype: torch.dtype = torch.float16,
         classes: Optional[Sequence[int]] = None,
+        spill_dir: Optional[Union[str, Path]] = None,
     ) -> None:
         if lambda_ <= 0:
             raise ValueError(f"BoxRegressionTrainer: lambda_ must be positive, got {lambda_}")
@@ -71,9 +76,11 @@ class BoxRegressionTrainer:
         self.classes = None if classes is None else sorted({int(c) for c in classes})
         self._generator = torch.Generator().manual_seed(self.seed)  # the per-image cap
         self._class_generators: Dict[int, torch.Generator] = {}  # the reservoirs
-        # Per class: chunks of (features, windows, matched ground truths), in arrival order,
-        # and how many windows the class was offered (the reservoir's t).
-        self._features: Dict[int, List[Tensor]] = {}
+        # Per class: the features (a RowStore, made with the first rows), chunks of windows
+        # and matched ground truths in arrival order, and how many windows the class was
+        # offered (the reservoir's t).
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self._features: Optional[RowStore] = None
         self._boxes: Dict[int, List[Tensor]] = {}
         self._gt: Dict[int, List[Tensor]] = {}
         self._seen: Dict[int, int] = {}
@@ -92,11 +99,21 @@ class BoxRegressionTrainer:
 
     @property
     def num_samples(self) -> int:
-        return sum(self.class_samples(c) for c in self._features)
+        return sum(self.class_samples(c) for c in self._boxes)
 
     def class_samples(self, c: int) -> int:
         """Samples kept for class ``c``."""
-        return sum(int(t.shape[0]) for t in self._features.get(c, []))
+        return sum(int(t.shape[0]) for t in self._boxes.get(c, []))
+
+    def class_features(self, c: int) -> Tensor:
+        """Tensor[n, D]: the features kept for class ``c`` (in ``store_dtype``, on the CPU)."""
+        return self._features.read(c) if self._features is not None else torch.zeros(0, 0)
+
+    def remove_spilled(self) -> None:
+        """Delete the spilled samples (once the fit and every checkpoint naming them are
+        done)."""
+        if self._features is not None:
+            self._features.remove()
 
     def offered(self, c: int) -> int:
         """Windows offered to class ``c`` so far (kept or not)."""
@@ -135,6 +152,8 @@ class BoxRegressionTrainer:
             mine = torch.isin(labels, torch.tensor(self.classes, dtype=labels.dtype))
             sel, labels = sel[mine], labels[mine]
         feats = features[sel.to(features.device)].to("cpu", self.store_dtype)
+        if self._features is None:
+            self._features = RowStore(feats.shape[1], self.store_dtype, self.spill_dir)
         for c in torch.unique(labels).tolist():  # ascending: a fixed order of the draws
             rows = torch.nonzero(labels == c).flatten()
             self._offer(c, feats[rows], windows[sel[rows]], gt_boxes[match[sel[rows]]])
@@ -142,14 +161,14 @@ class BoxRegressionTrainer:
 
     def _offer(self, c: int, feats: Tensor, boxes: Tensor, gt: Tensor) -> None:
         """Keep what fits below the cap; the rest goes through the reservoir."""
-        for store in (self._features, self._boxes, self._gt):
+        for store in (self._boxes, self._gt):
             store.setdefault(c, [])
         seen = self._seen.get(c, 0)
         self._seen[c] = seen + feats.shape[0]
         room = feats.shape[0] if self.max_samples == 0 else self.max_samples - seen
         room = max(0, min(room, feats.shape[0]))
         if room:
-            self._features[c].append(feats[:room])
+            self._features.append(c, feats[:room])
             self._boxes[c].append(boxes[:room])
             self._gt[c].append(gt[:room])
         extra = feats.shape[0] - room
@@ -157,7 +176,7 @@ class BoxRegressionTrainer:
             return
         # Algorithm R: window number t (1-based, over the class) replaces slot j, j uniform in
         # [0, t), when j < cap. Later windows overwrite earlier ones, as in the sequential rule.
-        for store in (self._features, self._boxes, self._gt):
+        for store in (self._boxes, self._gt):
             store[c] = [torch.cat(store[c])]
         t = torch.arange(seen + room + 1, seen + feats.shape[0] + 1, dtype=torch.float64)
         u = torch.rand(extra, generator=self._class_generator(c), dtype=torch.float64)
@@ -169,7 +188,7 @@ class BoxRegressionTrainer:
         if last:
             slot = torch.tensor(list(last.keys()))
             src = torch.tensor(list(last.values()))
-            self._features[c][0][slot] = feats[src]
+            self._features.assign(c, slot, feats[src])
             self._boxes[c][0][slot] = boxes[src]
             self._gt[c][0][slot] = gt[src]
 
@@ -181,15 +200,17 @@ class BoxRegressionTrainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue (plain types and tensors, for ``save_file``)."""
-        classes = sorted(self._features)
-        for store in (self._features, self._boxes, self._gt):
+        """Everything needed to continue (plain types and tensors, for ``save_file``). The
+        features of a spilling trainer are a snapshot on disk that the state names
+        (``RowStore.state_dict``): save the state before the next call."""
+        classes = sorted(self._boxes)
+        for store in (self._boxes, self._gt):
             for c in classes:
                 if len(store[c]) > 1:
                     store[c] = [torch.cat(store[c])]
         return {
             "classes": classes,
-            "features": [self._features[c][0] if self._features[c] else None for c in classes],
+            "features": None if self._features is None else self._features.state_dict(),
             "boxes": [self._boxes[c][0] if self._boxes[c] else None for c in classes],
             "gt": [self._gt[c][0] if self._gt[c] else None for c in classes],
             "seen": [self._seen[c] for c in classes],
@@ -197,12 +218,23 @@ class BoxRegressionTrainer:
             "class_generators": {c: g.get_state() for c, g in self._class_generators.items()},
         }
 
+    def can_load(self, state: Dict[str, Any]) -> bool:
+        """Whether ``state`` can be continued here (a spilled state needs its snapshot files
+        and this trainer's ``spill_dir``)."""
+        features = state.get("features")
+        if not isinstance(features, dict):
+            return features is None
+        return self._store(int(features["dim"])).can_load(features)
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue from ``state_dict()``."""
-        self._features, self._boxes, self._gt, self._seen = {}, {}, {}, {}
+        self._boxes, self._gt, self._seen = {}, {}, {}
+        self._features = None
+        if state["features"] is not None:
+            self._features = self._store(int(state["features"]["dim"]))
+            self._features.load_state_dict(state["features"])
         for i, c in enumerate(state["classes"]):
-            for store, name in ((self._features, "features"), (self._boxes, "boxes"),
-                                (self._gt, "gt")):  # fmt: skip
+            for store, name in ((self._boxes, "boxes"), (self._gt, "gt")):
                 t = state[name][i]
                 store[c] = [] if t is None else [t]
             self._seen[c] = int(state["seen"][i])
@@ -210,6 +242,9 @@ class BoxRegressionTrainer:
         self._class_generators = {}
         for c, g_state in state["class_generators"].items():
             self._class_generator(int(c)).set_state(g_state)
+
+    def _store(self, dim: int) -> RowStore:
+        return RowStore(dim, self.store_dtype, self.spill_dir)
 
     def fit(
         self, num_classes: int, feature_scale: Optional[float] = None, **kwargs
@@ -222,7 +257,7 @@ class BoxRegressionTrainer:
         if self.num_samples == 0:
             logger.warning("box regression: no training windows; no regressor trained")
             return None
-        classes = [c for c in sorted(self._features) if self.class_samples(c)]
+        classes = [c for c in sorted(self._boxes) if self.class_samples(c)]
         for c in classes:
             if self.offered(c) > self.class_samples(c):
                 logger.info(
@@ -232,26 +267,41 @@ class BoxRegressionTrainer:
         fitted = list(range(num_classes)) if self.classes is None else self.classes
         index = {c: i for i, c in enumerate(fitted)}  # class -> row of the fit
         feature_norm = float(kwargs.pop("feature_norm", 20.0))
-        if feature_scale is None:  # R-CNN: mean norm of all rows, taken class by class
-            norms = [t.double().norm(dim=1) for c in classes for t in self._features[c]]
+        store = self._features
+        if feature_scale is None:  # R-CNN: mean norm of all rows, taken chunk by chunk
+            norms = [t.double().norm(dim=1) for c in classes for t in store.chunks(c, _FIT_CHUNK)]
             feature_scale = scale_from_norms(torch.cat(norms), feature_norm)
 
         def one(parts: List[Tensor]) -> Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        # One class at a time, from its own store (no copy of every class's rows together);
-        # features stay in their storage dtype until the fit converts that class to float64.
+        # One class at a time; its features are read back chunk by chunk by the fit
+        # (``_RowChunks``), in their storage dtype, so only the ridge system is ever whole.
         rows = (
-            (index[c], one(self._features[c]), one(self._boxes[c]), one(self._gt[c]))
-            for c in classes
+            (index[c], _RowChunks(store, c), one(self._boxes[c]), one(self._gt[c])) for c in classes
         )
-        feature_dim = self._features[classes[0]][0].shape[1]
         part = fit_box_regressor_by_class(
-            rows, len(fitted), feature_dim, feature_scale,
-            device=self._features[classes[0]][0].device,
+            rows, len(fitted), store.dim, feature_scale,
             lambda_=self.lambda_, iou_thresh=self.iou_thresh, **kwargs,
         )  # fmt: skip
         return part if self.classes is None else _expand(part, fitted, num_classes)
+
+
+# Rows per chunk when a class's features are read back from a RowStore (5,600-D float16: 11 MB).
+_FIT_CHUNK = 1024
+
+
+class _RowChunks:
+    """A class's stored features as the fit reads them (``bbox_fit._row_chunks``): ``shape``
+    and ``chunks(rows)``, in order."""
+
+    def __init__(self, store: RowStore, c: int) -> None:
+        self.store, self.c = store, c
+        self.shape = torch.Size((store.rows(c), store.dim))
+        self.device = torch.device("cpu")
+
+    def chunks(self, rows: int = _FIT_CHUNK):
+        return self.store.chunks(self.c, rows)
 
 
 def _expand(part: BoxRegressor, classes: Sequence[int], num_classes: int) -> BoxRegressor:

@@ -22,9 +22,6 @@ process, value for value (every step of a class depends on that class's data onl
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -40,11 +37,11 @@ from spp_detect import distributed as dist
 from spp_detect.config import DetectorConfig
 from spp_detect.modeling.box_regression import BoxRegressor
 from spp_detect.modeling.svm import LinearSVMs, mean_norm_scale
-from spp_detect.serialization import load_file, save_file
 from spp_detect.training.bbox_training import BoxRegressionTrainer
-from spp_detect.training.conv_cache import weights_digest
 from spp_detect.training.finetune import TrainingImage
 from spp_detect.training.hard_negatives import HardNegativeMiner
+from spp_detect.training.sample_store import spill_folder
+from spp_detect.training.svm_checkpoint import SVMStageCheckpoint, stage_key, svm_checkpoint_path
 from spp_detect.training.svm_solver import SVMSolver
 from spp_detect.training.window_features import all_rows
 
@@ -63,8 +60,6 @@ logger = logging.getLogger(__name__)
 # Windows per image sampled to set the SVM feature scale (R-CNN samples random windows).
 _SCALE_SAMPLE_IMAGES = 20
 _SCALE_SAMPLE_WINDOWS = 200
-# Bump when the checkpoint's layout changes: older checkpoints are ignored.
-_CHECKPOINT_VERSION = 2
 
 
 def class_ious(windows: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
@@ -81,81 +76,6 @@ def class_ious(windows: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes
 @torch.no_grad()
 def _fc7(detector, pooled: Tensor) -> Tensor:
     return detector.head.fc7_features(pooled)
-
-
-def stage_key(
-    detector,
-    images: Sequence[TrainingImage],
-    config: DetectorConfig,
-    classes: Optional[Sequence[int]] = None,
-) -> str:
-    """What the SVMs and regressors of ``classes`` (None: all) depend on: the fine-tuned
-    head's and the backbone's weights, every training window and ground truth, and the
-    settings that reach this stage (not ``svm.checkpoint_seconds``, which changes when, not
-    what)."""
-    h = hashlib.blake2b(digest_size=16)
-    for im in images:
-        h.update(im.record.image_id.encode() + b"|" + str(im.record.flipped).encode())
-        for t in (im.windows, im.gt_boxes, im.gt_labels):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    svm = dataclasses.asdict(config.svm)
-    svm.pop("checkpoint_seconds")
-    backbone = getattr(detector, "backbone", None)
-    fields = dict(
-        version=_CHECKPOINT_VERSION,
-        head=weights_digest(detector.head),
-        backbone=weights_digest(backbone) if backbone is not None else None,
-        windows=h.hexdigest(),
-        svm=svm,
-        bbox_reg=dataclasses.asdict(config.bbox_reg),
-        model=dataclasses.asdict(config.model),
-        feature_cache_dtype=config.feature_cache_dtype,
-        seed=config.finetune.seed,
-        classes=None if classes is None else [int(c) for c in classes],
-    )
-    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class SVMStageCheckpoint:
-    """The periodic checkpoint of the SVM + box-regression pass (detectron2 / fvcore
-    ``PeriodicCheckpointer``), written atomically through ``serialization.save_file``.
-
-    Args:
-        path: the checkpoint file (None: no checkpoints).
-        key: ``stage_key(...)``; a file with another key is ignored.
-        every_seconds: minimum time between writes (0: after every image).
-    """
-
-    def __init__(self, path: Optional[Union[str, Path]], key: str, every_seconds: float) -> None:
-        self.path = None if path is None else Path(path)
-        self.key, self.every = key, float(every_seconds)
-        self._last = time.monotonic()
-
-    def load(self) -> Optional[Dict[str, Any]]:
-        if self.path is None or not self.path.is_file():
-            return None
-        try:
-            state = load_file(self.path, what="SVM training checkpoint")
-        except ValueError as exc:
-            logger.warning("%s; SVM training starts over", exc)
-            return None
-        if not isinstance(state, dict) or state.get("key") != self.key:
-            logger.info("%s: made with other inputs; SVM training starts over", self.path)
-            return None
-        return state
-
-    def maybe_save(self, state_fn, force: bool = False) -> None:
-        if self.path is None:
-            return
-        if force or time.monotonic() - self._last >= self.every:
-            save_file(dict(state_fn(), key=self.key), self.path)
-            self._last = time.monotonic()
-
-    def remove(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
 
 
 def _first_pass(detector, source, images, config: DetectorConfig):
@@ -186,14 +106,6 @@ def _first_pass(detector, source, images, config: DetectorConfig):
     positives = (torch.cat(pos_feats), torch.cat(pos_labels))
     bbox_scale = mean_norm_scale(torch.cat(pooled_sample), config.svm.feature_norm)
     return positives, torch.cat(fc7_sample), bbox_scale
-
-
-def svm_checkpoint_path(output_dir: Union[str, Path]) -> Path:
-    """This process's checkpoint of the pass: ``svm_bbox.ckpt.pt``; under torchrun
-    ``svm_bbox.rank<R>-of-<K>.ckpt.pt``, so a killed rank resumes its own classes."""
-    if not dist.is_distributed():
-        return Path(output_dir) / "svm_bbox.ckpt.pt"
-    return Path(output_dir) / f"svm_bbox.rank{dist.rank()}-of-{dist.world_size()}.ckpt.pt"
 
 
 def _make_miner(svms: LinearSVMs, s: Any, classes: Sequence[int]) -> HardNegativeMiner:
@@ -303,12 +215,19 @@ def train_class_subset(
     k = detector.num_classes
     s = config.svm
     miner = _make_miner(LinearSVMs(k, feature_norm=s.feature_norm), s, classes)
+    # With a checkpoint, the regression samples' features go to disk beside it (and its
+    # snapshots are what the checkpoint names): the pass's memory no longer grows with them.
+    spill = spill_folder(checkpoint_path)
     bbox = BoxRegressionTrainer.from_config(
-        config.bbox_reg, seed=config.finetune.seed, classes=classes
+        config.bbox_reg, seed=config.finetune.seed, classes=classes, spill_dir=spill
     )
     key = stage_key(detector, images, config, classes) if checkpoint_path is not None else ""
-    ckpt = SVMStageCheckpoint(checkpoint_path, key, s.checkpoint_seconds)
+    ckpt = SVMStageCheckpoint(checkpoint_path, key, s.checkpoint_seconds, extra=spill)
     state = ckpt.load()
+    if state is not None and not bbox.can_load(state["bbox"]):
+        logger.warning("%s: its box-regression samples are missing; SVM training starts over",
+                       checkpoint_path)  # fmt: skip
+        state = None
     if state is not None:
         miner.load_state_dict(state["miner"])
         bbox.load_state_dict(state["bbox"])
@@ -347,6 +266,7 @@ def train_class_subset(
     # the features included) is the SVMs'.
     stats: Dict[str, Any] = {"bbox_reg_seconds": bbox_seconds + time.perf_counter() - t}
     stats["bbox_samples"] = bbox.num_samples if regressor is not None else 0
+    stats["bbox_in_memory"] = spill is None  # else on disk until the checkpoint goes
     stats["svm_cache_sizes"] = [miner.cache_size(c) for c in range(k)]
     stats["resumed_at_image"] = start
     part = {
@@ -388,5 +308,6 @@ def merge_class_parts(
         "svm_trained": [bool(t) for t in svms.trained.tolist()],
         "svm_cache_sizes": cache_sizes,
         "resumed_at_image": min(p["stats"]["resumed_at_image"] for p in parts),
+        "bbox_in_memory": any(p["stats"].get("bbox_in_memory", True) for p in parts),
     }
     return svms, regressor, stats

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import shutil
 import logging
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from spp_detect.modeling.build import build_detector
 from spp_detect.serialization import load_file, save_file
 from spp_detect.utils import atomic_write_json, resolve_device
 from spp_detect.training.conv_cache import weights_digest
+from spp_detect.training.sample_store import spill_folder
 from spp_detect.training.svm_bbox import svm_checkpoint_path, train_svms_and_regressors
 from spp_detect.training.window_features import memory_budget
 from spp_detect.inference.dataset import dataset_proposals
@@ -321,6 +323,7 @@ def train_detector(
         svm_ckpt = svm_checkpoint_path(output_dir)  # continued by a rerun after a kill
         if not resume:
             svm_ckpt.unlink(missing_ok=True)
+            shutil.rmtree(spill_folder(svm_ckpt), ignore_errors=True)
         detector.svms, detector.bbox_regressor, stats = train_svms_and_regressors(
             detector, source, images, config, checkpoint_path=svm_ckpt
         )
