@@ -11,7 +11,7 @@ buffers lives in ``training/bbox_fit.py`` (``ridge.py``; samples gathered by
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -91,17 +91,22 @@ class BoxRegressor(nn.Module):
         """
         self._check_features(features)
         dtype = features.dtype if features.is_floating_point() else torch.float32
-        dev = features.device
+        w, bias, transform, mean = self._folded(dtype, features.device)
+        y = features.to(dtype) @ w
+        y = y.reshape(-1, self.num_classes, 4) + bias
+        y = torch.einsum("nkf,kfg->nkg", y, transform)
+        return y + mean
+
+    def _folded(self, dtype: torch.dtype, dev: torch.device) -> Tuple[Tensor, ...]:
+        """``(w [D, 4K], bias [K, 4], transform [K, 4, 4], mean [K, 4])`` in ``dtype`` on
+        ``dev``: one [N, D] x [D, 4K] product serves all classes, and the feature scale is
+        folded into the (small) weight matrix instead of a copy of the (large) features."""
         k, d = self.num_classes, self.feature_dim
         weight = self.weight.to(device=dev, dtype=dtype)
-        # One [N, D] x [D, 4K] product for all classes; the feature scale is folded into the
-        # (small) weight matrix instead of a copy of the (large) features.
         w = weight[:, :d, :].permute(1, 0, 2).reshape(d, k * 4)
         w = w * self.feature_scale.to(device=dev, dtype=dtype)
-        y = features.to(dtype) @ w
-        y = y.reshape(-1, k, 4) + weight[:, d, :]
-        y = torch.einsum("nkf,kfg->nkg", y, self.target_transform.to(device=dev, dtype=dtype))
-        return y + self.target_mean.to(device=dev, dtype=dtype)
+        transform = self.target_transform.to(device=dev, dtype=dtype)
+        return w, weight[:, d, :], transform, self.target_mean.to(device=dev, dtype=dtype)
 
     def predict_all(self, features: Tensor, boxes: Tensor) -> Tensor:
         """Refined boxes for every class.

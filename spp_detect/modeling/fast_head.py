@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .head import FCHead
+from .workspace import Workspace
 
 __all__ = [
     "FAST_HEAD_MODES", "FastFCHead", "Int8Linear", "Int8Rows", "build_fast_head", "quantize_map"
@@ -113,29 +114,42 @@ class Int8Linear(nn.Module):
         self.in_features = layer.in_features
         self.out_features = layer.out_features
 
-    def forward(self, x: Union[Tensor, Int8Rows]) -> Tensor:
-        """Tensor[N, in] float or ``Int8Rows`` -> Tensor[N, out] in ``out_dtype``."""
+    def forward(
+        self, x: Union[Tensor, Int8Rows], workspace: Optional[Workspace] = None, name: str = ""
+    ) -> Tensor:
+        """Tensor[N, in] float or ``Int8Rows`` -> Tensor[N, out] in ``out_dtype``; with a
+        ``workspace``, the result is its buffer ``name`` (valid until that is reused)."""
         if isinstance(x, Int8Rows):
             qx, sx = x.values, x.scale.float()
         else:
             x = x.float()
             sx = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / _INT8_MAX  # [N, 1]
             qx = torch.round(x / sx).to(torch.int8)
-        acc = _int8_matmul(qx, self.weight_t)
-        y = acc.float() * (sx * self.weight_scale)
-        y = y if self.bias is None else y + self.bias
-        return y.to(self.out_dtype)
+        shape = (qx.shape[0], self.out_features)
+
+        def buffer(suffix: str, dtype: torch.dtype) -> Tensor:
+            if workspace is None:
+                return torch.empty(shape, dtype=dtype, device=qx.device)
+            return workspace.get(name + suffix, shape, dtype, qx.device)
+
+        acc = _int8_matmul(qx, self.weight_t, buffer(".acc", torch.int32))
+        # Scales and bias in place on one float32 copy of the int32 sums.
+        y = buffer("" if self.out_dtype == torch.float32 else ".f32", torch.float32).copy_(acc)
+        y.mul_(self.weight_scale).mul_(sx)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y if self.out_dtype == torch.float32 else buffer("", self.out_dtype).copy_(y)
 
 
-def _int8_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """int8 ``[N, K] @ [K, M] -> int32``; ``torch._int_mm`` needs ``N > 16`` on some backends,
-    so a few rows are padded."""
+def _int8_matmul(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """int8 ``[N, K] @ [K, M] -> int32`` into ``out`` ``[N, M]``; ``torch._int_mm`` needs
+    ``N > 16`` on some backends, so a few rows are padded."""
     n = a.shape[0]
     if n > 16:
-        return torch._int_mm(a, b)
+        return torch._int_mm(a, b, out=out)
     pad = a.new_zeros(17, a.shape[1])
     pad[:n] = a
-    return torch._int_mm(pad, b)[:n]
+    return out.copy_(torch._int_mm(pad, b)[:n])
 
 
 def _convert(layer: nn.Module, mode: str) -> nn.Module:
@@ -193,6 +207,9 @@ class FastFCHead(nn.Module):
         self.cls_score = copy.deepcopy(head.cls_score)
         self.requires_grad_(False)
         self.eval()
+        # fc6/fc7's intermediates have the same sizes on every image: reused buffers, not
+        # fresh pages (modeling/workspace.py). Only fc7's float32 result is a new tensor.
+        self.workspace = Workspace()
 
     def compress(self, fc6_rank: int, fc7_rank: int) -> "FastFCHead":
         raise ValueError("compress the float32 head (FCHead.compress), then make it fast")
@@ -206,10 +223,24 @@ class FastFCHead(nn.Module):
             raise ValueError("a fast head is for testing only (no dropout)")
         if self.fast_mode != "int8map":  # int8map's first map quantises float rows itself
             pooled = pooled.to(self.dtype)
-        # input_scale is in fc6's weight. ReLU in place: each ~2,000 x 4,096 temporary is a
-        # fresh allocation whose first touch costs more than the ReLU itself.
-        x = torch.relu_(self.fc6(pooled))
-        return torch.relu_(self.fc7(x.to(self.dtype))).float()
+        # input_scale is in fc6's weight. ReLU in place, on workspace buffers.
+        x = torch.relu_(self._run(self.fc6, pooled, "fc6"))
+        x = torch.relu_(self._run(self.fc7, x.to(self.dtype), "fc7"))
+        return x.float() if x.dtype != torch.float32 else x.clone()
+
+    def _run(self, layer: nn.Module, x, name: str) -> Tensor:
+        """``layer(x)`` (a Linear, an ``Int8Linear`` or a low-rank ``nn.Sequential`` of
+        them) with every output in a workspace buffer named after its layer."""
+        if isinstance(layer, nn.Sequential):
+            for i, sub in enumerate(layer):
+                x = self._run(sub, x, f"{name}.{i}")
+            return x
+        if isinstance(layer, Int8Linear):
+            return layer(x, self.workspace, name)
+        out = self.workspace.get(name, (x.shape[0], layer.out_features), x.dtype, x.device)
+        if layer.bias is None:
+            return torch.mm(x, layer.weight.t(), out=out)
+        return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
 
     def predict(self, pooled: Union[Tensor, Int8Rows]) -> Tuple[Tensor, Tensor]:
         """``(fc7 Tensor[R, hidden] float32, cls_score logits Tensor[R, K + 1])``."""
