@@ -21,22 +21,10 @@ from .errors import UserInputError
 from .proposals.settings import ProposalSettings
 
 __all__ = [
-    "test_overrides",
-    "ModelConfig",
-    "ProposalSettings",
-    "DataConfig",
-    "DistillConfig",
-    "FinetuneConfig",
-    "SVMConfig",
-    "BBoxRegConfig",
-    "TestConfig",
-    "DetectorConfig",
-    "load_config",
-    "fc_width",
-    "DEFAULT_FC_WIDTH",
-    "DEFAULT_LR",
-    "apply_overrides",
-]
+    "test_overrides", "ModelConfig", "ProposalSettings", "DataConfig", "DistillConfig",
+    "FinetuneConfig", "SVMConfig", "BBoxRegConfig", "TestConfig", "DetectorConfig",
+    "load_config", "fc_width", "DEFAULT_FC_WIDTH", "DEFAULT_LR", "apply_overrides",
+]  # fmt: skip
 
 
 # fc6/fc7 width by backbone when model.hidden is 0.
@@ -161,8 +149,7 @@ class FinetuneConfig:
     checkpoint_seconds: float = 300.0
     # Training picks a random scale per window (the SPP_net code); False: the test-time rule.
     random_scale: bool = True
-    # Skip fine-tuning entirely (use the fc layers as initialised; for ablations).
-    enabled: bool = True
+    enabled: bool = True  # False: no fine-tuning (the fc layers as initialised; ablations)
     seed: int = 0
 
 
@@ -191,8 +178,12 @@ class SVMConfig:
     # class's current model; ties: first mined) are kept. Memory: K x cap x D x 4 bytes
     # (20 classes, 4096-D fc7: 3.3 GB). 0: no cap. Below the cap nothing changes.
     max_cached_negatives: int = 10000
-    # Write a resumable checkpoint of the mining and box-regression state (per image) at most
-    # this often, in seconds; a killed run continues from it (0: after every image).
+    # Cap on each class's positives (ours; R-CNN takes every ground truth): a class with more
+    # objects keeps a uniform random sample (seeded per class), so the pass stays bounded at
+    # COCO size (person: 262k objects). VOC's largest class has < 10,000. 0: no cap.
+    max_positives: int = 10000
+    # Checkpoint the mining and box-regression state (per image) at most this often, in
+    # seconds, for a killed run to continue from (0: after every image).
     checkpoint_seconds: float = 300.0
 
 

@@ -98,6 +98,7 @@ def test_scale_report_on_two_tiny_sizes(tmp_path):
     assert caches["bbox_sample_bytes"] % 50 == 0  # 50 bins x C channels, float16
     assert 0 < caches["bbox_samples"] <= caches["classes"] * caches["bbox_cap_per_class"]
     assert caches["bbox_in_memory"] is False  # spilled beside the pass's checkpoint
+    assert caches["positives_cap_per_class"] == 10000 and caches["positives"] == caches["objects"]
     md = (out / "scale.md").read_text()
     assert "VOC07" in md and "COCO train2017" in md and "tools/scale_report.py" in md
     assert ("**flat**" in md) == report["peak_rss_flat"]
@@ -137,6 +138,12 @@ def test_peak_rss_at_a_dataset_adds_the_caps_that_are_not_yet_full():
     spilled = dict(caches, bbox_in_memory=False, bbox_cap_per_class=0)
     assert cache_bytes(spilled) == (3000 + 2500) * 4096
     assert cache_bytes(spilled, 20, 12608) == (20 * 10000 + 12608) * 4096
+    # Positives capped per class (svm.max_positives): COCO's 860,001 objects keep at most
+    # 80 x 10,000; VOC07's 12,608 stay below 20 x 10,000.
+    capped = dict(spilled, positives_cap_per_class=10000, positives=2400)
+    assert cache_bytes(capped) == (3000 + 2400) * 4096
+    assert cache_bytes(capped, 80, 860001) == (80 * 10000 + 80 * 10000) * 4096
+    assert cache_bytes(capped, 20, 12608) == (20 * 10000 + 12608) * 4096
     small = {s: 1e9 for s in STAGES}
     grows = dict(small, proposals=2e9, svm=1.5e9)  # proposals doubles from N=300 to 1,000
     sizes = [_size(100, small), _size(300, small), _size(1000, grows, caches)]

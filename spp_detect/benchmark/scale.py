@@ -275,9 +275,17 @@ def pass_caches(model_path: Path, voc_root: Path, log: Dict[str, Any]) -> Dict[s
     hidden, pooled_dim = model["head"]["fc6.weight"].shape
     cfg, done = model["config"], log.get("classifiers", {})
     dataset = VOCDataset(voc_root, "2007", "trainval", TOY_CLASSES)
+    per_class: Dict[int, int] = {}
+    for i in range(len(dataset)):
+        for c in dataset[i].labels.tolist():
+            per_class[c] = per_class.get(c, 0) + 1
+    pos_cap = int(cfg["svm"].get("max_positives", 0))
     return {
         "classes": len(model["class_names"]),
-        "objects": int(sum(len(dataset[i].boxes) for i in range(len(dataset)))),
+        "objects": sum(per_class.values()),
+        # SVM positives: every object, or svm.max_positives per class (training.svm_bbox).
+        "positives": sum(min(n, pos_cap) if pos_cap else n for n in per_class.values()),
+        "positives_cap_per_class": pos_cap,
         "negatives": int(sum(done.get("svm_cache_sizes") or [])),
         "negatives_cap_per_class": int(cfg["svm"]["max_cached_negatives"]),
         "negative_bytes": int(hidden) * 4,

@@ -67,19 +67,22 @@ def _predict(fit: Optional[Dict[str, float]], n: float) -> Optional[float]:
 
 def cache_bytes(caches: Dict[str, int], classes: Optional[int] = None, objects: int = 0) -> float:
     """Bytes of what the SVM and box-regression pass keeps: the positives' fc7 (one per
-    training object), the hard-negative caches (float32 fc7) and the regression samples
-    (float16 pooled features; in memory only for runs before they were spilled to disk, as
-    ``caches["bbox_in_memory"]`` says). With ``classes`` None: as a measured run held them at
-    its end (``caches`` from ``scale.collect_size``); else their bound for a dataset of
-    ``classes`` classes and ``objects`` training objects, every per-class cap full. None
-    without caps."""
+    training object, up to ``positives_cap_per_class`` per class), the hard-negative caches
+    (float32 fc7) and the regression samples (float16 pooled features; in memory only for runs
+    before they were spilled to disk, as ``caches["bbox_in_memory"]`` says). With ``classes``
+    None: as a measured run held them at its end (``caches`` from ``scale.collect_size``);
+    else their bound for a dataset of ``classes`` classes and ``objects`` training objects,
+    every per-class cap full. None without caps."""
     neg = caches["negative_bytes"]
     box = caches["bbox_sample_bytes"] if caches.get("bbox_in_memory", True) else 0
     if classes is None:
-        return (caches["negatives"] + caches["objects"]) * neg + caches["bbox_samples"] * box
+        positives = caches.get("positives", caches["objects"])
+        return (caches["negatives"] + positives) * neg + caches["bbox_samples"] * box
     if not caches["negatives_cap_per_class"] or (box and not caches["bbox_cap_per_class"]):
         return None
-    return (classes * caches["negatives_cap_per_class"] + objects) * neg + (
+    pos_cap = caches.get("positives_cap_per_class", 0)
+    positives = min(objects, classes * pos_cap) if pos_cap else objects
+    return (classes * caches["negatives_cap_per_class"] + positives) * neg + (
         classes * caches["bbox_cap_per_class"] * box
     )
 

@@ -78,19 +78,47 @@ def _fc7(detector, pooled: Tensor) -> Tensor:
     return detector.head.fc7_features(pooled)
 
 
-def _first_pass(detector, source, images, config: DetectorConfig):
-    """Every ground truth's fc7 (the SVM positives, given up front as in R-CNN so no class
-    mines against a zero model for long) and a random sample of windows to set the feature
-    scales (R-CNN scales features to a mean norm of 20 measured on random windows).
+def positive_subset(
+    images: Sequence[TrainingImage], cap: int, seed: int, classes: Optional[Sequence[int]] = None
+) -> list:
+    """Per image, the indices of the ground truths that are SVM positives: all of them, except
+    that a class with more than ``cap`` objects (``svm.max_positives``; 0: no cap) keeps a
+    uniform random sample of ``cap``, drawn by a generator seeded with ``(seed, class)`` so a
+    class's sample does not depend on the others (torchrun divides the classes). With
+    ``classes``, only those classes' ground truths."""
+    labels = [im.gt_labels.cpu() for im in images]
+    owners: Dict[int, list] = {}  # class -> [(image, gt)] in image order
+    for i, lab in enumerate(labels):
+        for j, c in enumerate(lab.tolist()):
+            if classes is None or c in classes:
+                owners.setdefault(c, []).append((i, j))
+    keep: list = [[] for _ in images]
+    for c, objs in sorted(owners.items()):
+        if 0 < cap < len(objs):
+            state = np.random.SeedSequence([seed, c]).generate_state(1, np.uint64)[0]
+            g = torch.Generator().manual_seed(int(state >> np.uint64(1)))
+            pick = torch.randperm(len(objs), generator=g)[:cap].sort().values.tolist()
+            objs = [objs[p] for p in pick]
+        for i, j in objs:
+            keep[i].append(j)
+    return [torch.tensor(sorted(k), dtype=torch.long) for k in keep]
+
+
+def _first_pass(detector, source, images, config: DetectorConfig, classes=None):
+    """The SVM positives' fc7 (every ground truth, or ``positive_subset``'s sample of a class
+    with more than ``svm.max_positives``; given up front as in R-CNN so no class mines against
+    a zero model for long) and a random sample of windows to set the feature scales (R-CNN
+    scales features to a mean norm of 20 measured on random windows).
 
     Returns:
         ``(positives (features, labels), fc7 sample, bbox feature scale)``.
     """
     rng = np.random.default_rng(config.finetune.seed)
+    chosen = positive_subset(images, config.svm.max_positives, config.finetune.seed, classes)
     pos_feats, pos_labels, fc7_sample, pooled_sample = [], [], [], []
     for i, im in enumerate(tqdm(images, desc="SVM positives", unit="img", leave=False)):
-        g = im.gt_boxes.shape[0]
-        idx = torch.arange(g)
+        idx = chosen[i]
+        g = idx.numel()
         if i < _SCALE_SAMPLE_IMAGES:
             n = im.windows.shape[0]
             extra = rng.choice(n, size=min(n, _SCALE_SAMPLE_WINDOWS), replace=False)
@@ -100,7 +128,7 @@ def _first_pass(detector, source, images, config: DetectorConfig):
         pooled = source.rows(i, idx)
         feats = _fc7(detector, pooled)
         pos_feats.append(feats[:g])
-        pos_labels.append(im.gt_labels.to(feats.device))
+        pos_labels.append(im.gt_labels[chosen[i]].to(feats.device))
         fc7_sample.append(feats[g:])
         pooled_sample.append(pooled[g:])
     positives = (torch.cat(pos_feats), torch.cat(pos_labels))
@@ -235,7 +263,7 @@ def train_class_subset(
         start = int(state["next_image"])
         logger.info("SVM training: resuming at image %d of %d", start, len(images))
     else:
-        positives, fc7_sample, bbox_scale = _first_pass(detector, source, images, config)
+        positives, fc7_sample, bbox_scale = _first_pass(detector, source, images, config, classes)
         miner.svms.set_feature_scale(fc7_sample)
         miner.add_positives(*positives)
         start = 0
