@@ -85,7 +85,9 @@ def _fit_classes(
     no rows keeps the identity. Returns float64 ``weight[K, D + 1, 4]``, ``target_mean[K, 4]``,
     ``target_transform[K, 4, 4]`` and ``trained`` BoolTensor[K], on ``device``.
 
-    Memory: one class's rows in float64 at a time (scaled in place) and its ridge system.
+    Memory: one class at a time, and for it the smaller of the dual (its rows in float64 and
+    the N x N kernel) and the primal (the (D + 1)^2 system, rows streamed in chunks):
+    ``_solve_class``.
     """
     weight = torch.zeros(k, d + 1, 4, dtype=torch.float64, device=device)
     mean = torch.zeros(k, 4, dtype=torch.float64, device=device)
