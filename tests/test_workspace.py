@@ -77,7 +77,24 @@ def test_fast_head_with_workspace_equals_fresh_tensors_and_results_survive_the_n
             ref = _plain_fc7(fast, x)
             assert torch.equal(fc7, ref), mode
             assert torch.equal(logits, fast.cls_score(ref)), mode
-        assert fast.workspace.nbytes() > 0
+        if mode != "bf16":  # int8 maps write into the workspace
+            assert fast.workspace.nbytes() > 0, mode
+        if mode != "int8":  # bf16 maps run on packed oneDNN weights, with their ReLU fused
+            assert any(fn is not None for fn in fast.packed._fns.values()), mode
+        copied = copy.deepcopy(fast)  # packed weights are not copied; made again on use
+        assert torch.equal(copied.predict(inputs[0])[0], outs[0][0])
+
+
+def test_fast_head_without_packed_weights_gives_the_same_values(monkeypatch):
+    from spp_detect.modeling import fast_head
+
+    x = torch.rand(30, 300, generator=torch.Generator().manual_seed(2)).bfloat16()
+    packed = FastFCHead(_head(), "bf16").predict(x)
+    monkeypatch.setattr(fast_head, "_pack", lambda layer, x: None)  # no oneDNN ops here
+    plain = FastFCHead(_head(), "bf16")
+    got = plain.predict(x)
+    assert all(fn is None for fn in plain.packed._fns.values()) and plain.workspace.nbytes() > 0
+    assert torch.equal(got[0], packed[0]) and torch.equal(got[1], packed[1])
 
 
 def _detector():

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -210,6 +210,7 @@ class FastFCHead(nn.Module):
         # fc6/fc7's intermediates have the same sizes on every image: reused buffers, not
         # fresh pages (modeling/workspace.py). Only fc7's float32 result is a new tensor.
         self.workspace = Workspace()
+        self.packed = _PackedWeights()
 
     def compress(self, fc6_rank: int, fc7_rank: int) -> "FastFCHead":
         raise ValueError("compress the float32 head (FCHead.compress), then make it fast")
@@ -223,24 +224,32 @@ class FastFCHead(nn.Module):
             raise ValueError("a fast head is for testing only (no dropout)")
         if self.fast_mode != "int8map":  # int8map's first map quantises float rows itself
             pooled = pooled.to(self.dtype)
-        # input_scale is in fc6's weight. ReLU in place, on workspace buffers.
-        x = torch.relu_(self._run(self.fc6, pooled, "fc6"))
-        x = torch.relu_(self._run(self.fc7, x.to(self.dtype), "fc7"))
+        # input_scale is in fc6's weight. The ReLUs go with each layer's last linear map.
+        x = self._run(self.fc6, pooled, "fc6", relu=True)
+        x = self._run(self.fc7, x.to(self.dtype), "fc7", relu=True)
         return x.float() if x.dtype != torch.float32 else x.clone()
 
-    def _run(self, layer: nn.Module, x, name: str) -> Tensor:
-        """``layer(x)`` (a Linear, an ``Int8Linear`` or a low-rank ``nn.Sequential`` of
-        them) with every output in a workspace buffer named after its layer."""
+    def _run(self, layer: nn.Module, x, name: str, relu: bool = False) -> Tensor:
+        """``layer(x)``, then ReLU if ``relu``, for a Linear, an ``Int8Linear`` or a low-rank
+        ``nn.Sequential`` of them (ReLU after its last map). bfloat16 Linears on the CPU run
+        on weights packed once for oneDNN with the ReLU fused (``_PackedWeights``); the other
+        outputs go into workspace buffers named after their layer."""
         if isinstance(layer, nn.Sequential):
             for i, sub in enumerate(layer):
-                x = self._run(sub, x, f"{name}.{i}")
+                x = self._run(sub, x, f"{name}.{i}", relu and i == len(layer) - 1)
             return x
         if isinstance(layer, Int8Linear):
-            return layer(x, self.workspace, name)
+            y = layer(x, self.workspace, name)
+            return torch.relu_(y) if relu else y
+        packed = self.packed.get(name, layer, x)
+        if packed is not None:
+            return packed(x, relu)
         out = self.workspace.get(name, (x.shape[0], layer.out_features), x.dtype, x.device)
         if layer.bias is None:
-            return torch.mm(x, layer.weight.t(), out=out)
-        return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+            y = torch.mm(x, layer.weight.t(), out=out)
+        else:
+            y = torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+        return torch.relu_(y) if relu else y
 
     def predict(self, pooled: Union[Tensor, Int8Rows]) -> Tuple[Tensor, Tensor]:
         """``(fc7 Tensor[R, hidden] float32, cls_score logits Tensor[R, K + 1])``."""
@@ -249,6 +258,53 @@ class FastFCHead(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:
         return self.predict(pooled)
+
+
+class _PackedWeights:
+    """bfloat16 fc weights reordered once into oneDNN's blocked layout, with bias and ReLU
+    fused into the product (``torch.ops.mkldnn._linear_pointwise``, the kernels that
+    Inductor's CPU freezing uses). Unpacked, oneDNN reorders a plain weight on every call:
+    measured on fc6/fc7 at 512/512 for ~1,450 windows, 84.5 -> 81.3 ms (workspace path ->
+    packed). Made on first use per layer; where the ops are missing or fail (not a CPU, a
+    build without oneDNN), the caller's plain product is used. Not copied with its module
+    (packed tensors have no storage to copy)."""
+
+    def __init__(self) -> None:
+        self._fns: Dict[str, Optional[Callable[[Tensor, bool], Tensor]]] = {}
+
+    def get(self, name: str, layer: nn.Linear, x: Tensor) -> Optional[Callable]:
+        if name not in self._fns:
+            self._fns[name] = _pack(layer, x)
+        return self._fns[name]
+
+    def __deepcopy__(self, memo) -> "_PackedWeights":
+        return _PackedWeights()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._fns = {}
+
+
+def _pack(layer: nn.Linear, x: Tensor) -> Optional[Callable[[Tensor, bool], Tensor]]:
+    """A packed ``(x, relu) -> relu?(layer(x))`` for a bfloat16 CPU layer, or None."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    if x.device.type != "cpu" or layer.weight.dtype != torch.bfloat16 or ops is None:
+        return None
+    try:
+        weight = ops._reorder_linear_weight(layer.weight.detach(), max(1, x.shape[0]))
+        bias = None if layer.bias is None else layer.bias.detach()
+
+        def run(v: Tensor, relu: bool) -> Tensor:
+            return ops._linear_pointwise(v, weight, bias, "relu" if relu else "none", [], "")
+
+        probe = x[:17].contiguous()  # the same product as the plain layer, or not used
+        if not torch.equal(run(probe, False), nn.functional.linear(probe, layer.weight, bias)):
+            return None
+        return run
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
 
 
 def build_fast_head(head: FCHead, mode: str) -> nn.Module:
