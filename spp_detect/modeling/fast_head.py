@@ -287,13 +287,19 @@ class _PackedWeights:
         self._fns = {}
 
 
+# Rows per call that packed weights are laid out for (~1,500 distinct windows per image).
+_PACK_BATCH = 1024
+
+
 def _pack(layer: nn.Linear, x: Tensor) -> Optional[Callable[[Tensor, bool], Tensor]]:
     """A packed ``(x, relu) -> relu?(layer(x))`` for a bfloat16 CPU layer, or None."""
     ops = getattr(torch.ops, "mkldnn", None)
     if x.device.type != "cpu" or layer.weight.dtype != torch.bfloat16 or ops is None:
         return None
     try:
-        weight = ops._reorder_linear_weight(layer.weight.detach(), max(1, x.shape[0]))
+        # oneDNN picks the packed layout for a batch size: a detection-sized one (the first
+        # call may be a handful of windows), not whatever came first.
+        weight = ops._reorder_linear_weight(layer.weight.detach(), max(_PACK_BATCH, x.shape[0]))
         bias = None if layer.bias is None else layer.bias.detach()
 
         def run(v: Tensor, relu: bool) -> Tensor:
