@@ -7,15 +7,13 @@ import threading
 import numpy as np
 import torch
 
-from spp_detect.config import DetectorConfig, ModelConfig, TestConfig
 from spp_detect.modeling.box_regression import BoxRegressor
-from spp_detect.modeling.build import build_detector
 from spp_detect.modeling.fast_head import FastFCHead, Int8Rows
 from spp_detect.modeling.head import FCHead
 from spp_detect.modeling.workspace import Workspace
 from spp_detect.utils import null_timer
 
-from bench_helpers import random_heads  # noqa: E402
+from test_fast_head import _detector  # noqa: E402
 
 
 def test_buffers_are_reused_grown_and_kept_per_thread():
@@ -95,16 +93,6 @@ def test_fast_head_without_packed_weights_gives_the_same_values(monkeypatch):
     got = plain.predict(x)
     assert all(fn is None for fn in plain.packed._fns.values()) and plain.workspace.nbytes() > 0
     assert torch.equal(got[0], packed[0]) and torch.equal(got[1], packed[1])
-
-
-def _detector():
-    cfg = DetectorConfig(
-        model=ModelConfig(backbone="zf5", scales=(64,), hidden=16),
-        test=TestConfig(score_thresh=-1e9),
-    )
-    torch.manual_seed(0)
-    det = build_detector("spp", ["a", "b"], cfg, pretrained=False).eval()
-    return random_heads(det, svm_bias=1.0)
 
 
 def test_detect_with_reused_buffers_equals_a_fresh_copy_on_every_image():

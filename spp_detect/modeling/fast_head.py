@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .head import FCHead
-from .workspace import Workspace
+from .workspace import Transient, Workspace
 
 __all__ = [
     "FAST_HEAD_MODES", "FastFCHead", "Int8Linear", "Int8Rows", "build_fast_head", "quantize_map"
@@ -260,7 +260,7 @@ class FastFCHead(nn.Module):
         return self.predict(pooled)
 
 
-class _PackedWeights:
+class _PackedWeights(Transient):
     """bfloat16 fc weights reordered once into oneDNN's blocked layout, with bias and ReLU
     fused into the product (``torch.ops.mkldnn._linear_pointwise``, the kernels that
     Inductor's CPU freezing uses). Unpacked, oneDNN reorders a plain weight on every call:
@@ -276,15 +276,6 @@ class _PackedWeights:
         if name not in self._fns:
             self._fns[name] = _pack(layer, x)
         return self._fns[name]
-
-    def __deepcopy__(self, memo) -> "_PackedWeights":
-        return _PackedWeights()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self._fns = {}
 
 
 # Rows per call that packed weights are laid out for (~1,500 distinct windows per image).

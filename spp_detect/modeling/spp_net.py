@@ -190,10 +190,12 @@ class SPPDetector(WindowDetector):
         return pooled, inverse
 
     def _workspace(self) -> Workspace:
-        """This detector's test-time buffers (made on first use; a copy gets its own)."""
-        if "_test_workspace" not in self.__dict__:
-            self.__dict__["_test_workspace"] = Workspace()
-        return self.__dict__["_test_workspace"]
+        """This detector's test-time buffers, made on first use. A ``with_settings`` copy made
+        afterwards shares them (its calls on a thread come one after another, and each thread
+        has its own); a deep copy starts with none."""
+        if getattr(self, "_test_workspace", None) is None:
+            self._test_workspace = Workspace()
+        return self._test_workspace
 
 
 def _unique_rows(keys: Tensor) -> Tuple[Tensor, Tensor]:
@@ -231,15 +233,13 @@ class _TestRegressor(BoxRegressor):
         # A test-time copy's weights do not change: fold them once per dtype and device (the
         # 12,800 x 4K permute, scale and cast took ~1 ms of every image), and again only if a
         # weight was written to.
-        key = (dtype, dev, *((t.data_ptr(), t._version) for t in self._folded_inputs()))
+        inputs = (self.weight, self.feature_scale, self.target_transform, self.target_mean)
+        key = (dtype, dev, *((t.data_ptr(), t._version) for t in inputs))
         memo = self.__dict__.setdefault("_folded_memo", {})
         if key not in memo:
             memo.clear()
             memo[key] = super()._folded(dtype, dev)
         return memo[key]
-
-    def _folded_inputs(self) -> Tuple[Tensor, ...]:
-        return (self.weight, self.feature_scale, self.target_transform, self.target_mean)
 
 
 def _permute_regressor_features(reg: BoxRegressor, order: Tensor) -> BoxRegressor:

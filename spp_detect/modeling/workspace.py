@@ -20,14 +20,28 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Workspace"]
+__all__ = ["Workspace", "Transient"]
 
 # A buffer grows to this many times the size asked for, so that images with a few more
 # windows than the last do not reallocate every time.
 _GROWTH = 1.25
 
 
-class Workspace:
+class Transient:
+    """State that a copied or pickled module does not carry (caches that cannot be copied:
+    thread-local buffers, packed oneDNN tensors): a copy starts empty, as ``type(self)()``."""
+
+    def __deepcopy__(self, memo) -> "Transient":
+        return type(self)()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+class Workspace(Transient):
     """Named, reusable CPU buffers (one set per thread)."""
 
     def __init__(self) -> None:
@@ -56,13 +70,3 @@ class Workspace:
     def clear(self) -> None:
         """Release this thread's buffers."""
         self._local.__dict__.pop("buffers", None)
-
-    # A copied module gets its own, empty workspace (thread-local state cannot be copied).
-    def __deepcopy__(self, memo) -> "Workspace":
-        return Workspace()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self._local = threading.local()

@@ -21,7 +21,10 @@ from ..structures.box_coder import BoxCoder
 from ..structures.boxes import matched_box_iou
 from .ridge import NormalEquations, ridge_memory, ridge_solve_with_bias
 
-__all__ = ["fit_box_regressor", "fit_box_regressor_by_class", "scale_from_norms", "check_boxes"]
+__all__ = [
+    "fit_box_regressor", "fit_box_regressor_by_class", "scale_from_norms", "check_boxes",
+    "FIT_CHUNK_ROWS",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +123,19 @@ def _fit_classes(
     return weight, mean, transform, trained
 
 
-# Rows per chunk of the primal fit's streamed normal equations.
-_CHUNK_ROWS = 1024
+# Rows per chunk when a class's features are streamed (the primal fit's normal equations, the
+# rows read back from disk): 1,024 x 5,600 float16 is 11 MB.
+FIT_CHUNK_ROWS = 1024
 
 
 def _row_chunks(features) -> Iterable[Tensor]:
-    """A class's feature rows in order, ``_CHUNK_ROWS`` at a time: from a Tensor, or from an
-    object with ``chunks(rows)`` (``bbox_training``'s rows read back from disk)."""
-    if hasattr(features, "chunks"):
-        yield from features.chunks(_CHUNK_ROWS)
+    """A class's feature rows in order, ``FIT_CHUNK_ROWS`` at a time: from a Tensor, or from
+    a callable ``rows -> iterator of chunks`` (``bbox_training``'s rows read back from disk)."""
+    if callable(features):
+        yield from features(FIT_CHUNK_ROWS)
         return
-    for start in range(0, features.shape[0], _CHUNK_ROWS):
-        yield features[start : start + _CHUNK_ROWS]
+    for start in range(0, features.shape[0], FIT_CHUNK_ROWS):
+        yield features[start : start + FIT_CHUNK_ROWS]
 
 
 def _solve_class(
@@ -265,7 +269,8 @@ def fit_box_regressor_by_class(
     all classes are never copied together (the box-regression trainer keeps them per class).
 
     Args:
-        class_rows: ``(class, features[N_c, D], boxes[N_c, 4], gt_boxes[N_c, 4])`` per class
+        class_rows: ``(class, features, boxes[N_c, 4], gt_boxes[N_c, 4])`` per class, the
+            features a Tensor[N_c, D] or a callable ``rows -> chunks of them`` (``_row_chunks``),
             with training windows (a generator is consumed once); the others keep the identity.
         feature_dim: D. feature_scale: the factor the features are multiplied by.
         device: where the fit runs and the regressor lives.

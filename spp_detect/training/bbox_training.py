@@ -4,6 +4,7 @@ fitting them (``bbox_fit.fit_box_regressor``: R-CNN's per-class ridge regression
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -14,7 +15,7 @@ from torchvision.ops import box_iou
 
 from ..config import BBoxRegConfig
 from ..modeling.box_regression import BoxRegressor
-from .bbox_fit import check_boxes, fit_box_regressor_by_class, scale_from_norms
+from .bbox_fit import FIT_CHUNK_ROWS, check_boxes, fit_box_regressor_by_class, scale_from_norms
 from .sample_store import RowStore
 
 __all__ = ["BoxRegressionTrainer"]
@@ -269,39 +270,25 @@ class BoxRegressionTrainer:
         feature_norm = float(kwargs.pop("feature_norm", 20.0))
         store = self._features
         if feature_scale is None:  # R-CNN: mean norm of all rows, taken chunk by chunk
-            norms = [t.double().norm(dim=1) for c in classes for t in store.chunks(c, _FIT_CHUNK)]
+            norms = [
+                t.double().norm(dim=1) for c in classes for t in store.chunks(c, FIT_CHUNK_ROWS)
+            ]
             feature_scale = scale_from_norms(torch.cat(norms), feature_norm)
 
         def one(parts: List[Tensor]) -> Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        # One class at a time; its features are read back chunk by chunk by the fit
-        # (``_RowChunks``), in their storage dtype, so only the ridge system is ever whole.
+        # One class at a time; the fit reads its features back chunk by chunk, in their
+        # storage dtype, so only the ridge system is ever whole.
         rows = (
-            (index[c], _RowChunks(store, c), one(self._boxes[c]), one(self._gt[c])) for c in classes
+            (index[c], partial(store.chunks, c), one(self._boxes[c]), one(self._gt[c]))
+            for c in classes
         )
         part = fit_box_regressor_by_class(
             rows, len(fitted), store.dim, feature_scale,
             lambda_=self.lambda_, iou_thresh=self.iou_thresh, **kwargs,
         )  # fmt: skip
         return part if self.classes is None else _expand(part, fitted, num_classes)
-
-
-# Rows per chunk when a class's features are read back from a RowStore (5,600-D float16: 11 MB).
-_FIT_CHUNK = 1024
-
-
-class _RowChunks:
-    """A class's stored features as the fit reads them (``bbox_fit._row_chunks``): ``shape``
-    and ``chunks(rows)``, in order."""
-
-    def __init__(self, store: RowStore, c: int) -> None:
-        self.store, self.c = store, c
-        self.shape = torch.Size((store.rows(c), store.dim))
-        self.device = torch.device("cpu")
-
-    def chunks(self, rows: int = _FIT_CHUNK):
-        return self.store.chunks(self.c, rows)
 
 
 def _expand(part: BoxRegressor, classes: Sequence[int], num_classes: int) -> BoxRegressor:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["RowStore"]
+__all__ = ["RowStore", "spill_folder"]
 
 # The raw bytes of a row in any 2-byte float dtype go to disk as int16 (numpy has no bfloat16).
 _DISK_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
