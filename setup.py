@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -37,5 +37,15 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "scikit-image>=0.19", "ruff>=0.4"],
     },
+    # Compiled CPU window pooling (spp_detect/modeling/window_pool_native.py). Optional: without
+    # a C compiler the install goes on and pool_windows uses its tensor method (same results).
+    ext_modules=[
+        Extension(
+            "spp_detect.modeling._window_pool",
+            sources=["spp_detect/csrc/window_pool.c"],
+            extra_compile_args=["-O3", "-std=c11"],
+            optional=True,
+        )
+    ],
     entry_points={"console_scripts": ["spp-detect=spp_detect.cli:main"]},
 )

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import os
 from fractions import Fraction
 from math import ceil, floor
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 import spp_detect.modeling.window_pool as window_pool
+import spp_detect.modeling.window_pool_native as window_pool_native
 from spp_detect.config import DetectorConfig
 from spp_detect.modeling.base import WindowDetector
 from spp_detect.modeling.box_regression import BoxRegressor
@@ -26,6 +28,16 @@ from spp_detect.modeling.window_pool import bin_major_order, pool_windows, proje
 
 # The last: a level twice and a level derived from a derived one (1 from 2 from 6).
 LEVEL_SETS = [(6, 3, 2, 1), (4, 3, 2, 1), (5, 2), (1,), (2, 6, 1, 6)]
+
+
+@pytest.fixture(autouse=True, params=["native", "table"])
+def backend(request, monkeypatch):
+    """Every test runs with the compiled CPU pooling (window_pool_native.py) and with the
+    tensor method it falls back to: both must give the references' bins."""
+    if request.param == "native" and window_pool_native._ext is None:
+        pytest.skip("the compiled window pooling is not built (no C compiler at install)")
+    monkeypatch.setenv("SPP_DETECT_NATIVE_POOL", "1" if request.param == "native" else "0")
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -291,6 +303,39 @@ def test_pool_non_negative_maps_match_loop(dtype):
             ref = ref_pool(fmap.double(), cells, (6, 3, 2, 1), layout).to(dtype)
             out = pool_windows(fmap, cells, layout=layout)
             assert out.dtype == dtype and torch.equal(out, ref), (height, width, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+def test_pool_integer_maps_match_loop(dtype, backend, monkeypatch):
+    # Integer maps (int8-quantised conv5, the ranks of the gradient path), negatives included,
+    # go to the compiled loop when it is built: every level set, both layouts, maps of every
+    # side 1..40, and the windows split over threads.
+    gen = torch.Generator().manual_seed(16)
+    info = torch.iinfo(dtype)
+    for levels in LEVEL_SETS:
+        order = bin_major_order(5, levels)
+        for i, (height, width) in enumerate(map_sizes(gen)[::11]):
+            fmap = torch.randint(info.min, info.max, (5, height, width), generator=gen).to(dtype)
+            cells = random_cells(gen, 130, height, width)
+            ref = ref_pool(fmap.double(), cells, levels)
+            torch.set_num_threads(1 + i % 2)  # 2 threads: two ranges of windows at once
+            for layout, expected in (("channel", ref), ("bin", ref[:, order])):
+                out = pool_windows(fmap, cells, levels, layout=layout)
+                assert out.dtype == dtype and torch.equal(out.double(), expected), (levels, layout)
+    if backend == "native":  # the threads' split: one window per thread at the extreme
+        monkeypatch.setattr(window_pool_native, "_WINDOWS_PER_THREAD", 1)
+        torch.set_num_threads(2)
+        ref = ref_pool(fmap.double(), cells[:3], (6, 3, 2, 1), "bin")
+        assert torch.equal(pool_windows(fmap, cells[:3], layout="bin").double(), ref)
+
+
+def test_native_pool_is_built_where_ci_requires_it():
+    # .ci/run installs with a C compiler: there the compiled pooling must have been built (a
+    # silent fallback would leave it untested).
+    if os.environ.get("SPP_DETECT_REQUIRE_NATIVE_POOL") == "1":
+        assert window_pool_native._ext is not None
+    with pytest.raises(ValueError, match="signed integer"):
+        window_pool_native.pool_native(torch.zeros(2, 3, 3), torch.zeros(1, 4).long(), (1,), "bin")
 
 
 def test_pool_bin_layout_gradient_matches_loop():

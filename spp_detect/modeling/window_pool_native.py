@@ -1,0 +1,130 @@
+"""Compiled CPU window pooling: ``csrc/window_pool.c``, run over a few threads.
+
+:func:`~spp_detect.modeling.window_pool.pool_windows` computes the same bins either way. On
+the CPU the table method of ``window_pool_table.py`` spends most of its time on index
+bookkeeping (dozens of small tensor ops over ~54k base bins for 1,500 windows), not on the
+values; the compiled loop has no index tensors at all: per window it takes each row band's max
+over contiguous runs of ``w * C`` values, then each bin's max over its columns, and reduces
+the coarse levels from the fine ones (docs/speed.md, pooling). It needs values that order like
+signed integers, which ``window_pool._pool`` arranges (non-negative floats through their bit
+patterns; int8-quantised maps as they are).
+
+The extension is built by ``pip install`` when a C compiler is present (``setup.py``; it is
+optional). Without it, or with ``SPP_DETECT_NATIVE_POOL=0`` in the environment, the table
+method runs: the results are identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .window_pool_table import level_starts, pyramid_plan
+
+try:
+    from . import _window_pool as _ext
+except ImportError:  # not built (no C compiler at install time): the table method runs
+    _ext = None
+
+__all__ = ["SIGNED_INTS", "native_pool_available", "pool_native"]
+
+# What the compiled loop pools: values compared as signed integers.
+SIGNED_INTS = (torch.int8, torch.int16, torch.int32, torch.int64)
+# Step kinds of csrc/window_pool.c's plan.
+_BASE, _DERIVED, _COPY = 0, 1, 2
+# Fewer windows than this per thread are not worth a thread's start-up (~50 us).
+_WINDOWS_PER_THREAD = 64
+
+
+def native_pool_available() -> bool:
+    """Whether the compiled CPU pooling is built and not switched off
+    (``SPP_DETECT_NATIVE_POOL=0``)."""
+    return _ext is not None and os.environ.get("SPP_DETECT_NATIVE_POOL", "1") != "0"
+
+
+def pool_native(
+    feature_map: Tensor,
+    cells: Tensor,
+    levels: Tuple[int, ...],
+    layout: str,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """``window_pool._pool`` by the compiled loop.
+
+    Args:
+        feature_map (Tensor[C, H, W]): signed integer dtype, on the CPU.
+        cells (LongTensor[R, 4]): valid inclusive cell ranges, ``R >= 1``.
+        levels: checked pyramid levels. layout: ``"channel"`` or ``"bin"``.
+        out: contiguous ``Tensor[R, C * sum(n * n)]`` of the map's dtype, or None.
+    Returns:
+        Tensor[R, C * sum(n * n)] in ``layout`` (``out`` when given).
+    """
+    if feature_map.dtype not in SIGNED_INTS or feature_map.device.type != "cpu":
+        raise ValueError(
+            f"pool_native takes a CPU map of a signed integer dtype, got {feature_map.dtype} on "
+            f"{feature_map.device}"
+        )
+    channels, _, width = feature_map.shape
+    num_windows = cells.shape[0]
+    num_bins = sum(n * n for n in levels)
+    if out is None:
+        out = feature_map.new_empty((num_windows, num_bins * channels))
+    hwc = feature_map.permute(1, 2, 0).contiguous()  # each cell's C values contiguous
+    cells = cells.to(torch.int64).contiguous()
+    steps = torch.tensor(_steps(tuple(levels)), dtype=torch.int64)
+
+    def run(first: int, last: int) -> None:
+        _ext.pool(
+            hwc.data_ptr(), width, channels, hwc.element_size(), cells.data_ptr(), first, last,
+            steps.data_ptr(), steps.shape[0], num_bins, out.data_ptr(), int(layout == "channel"),
+            width * channels,
+        )  # fmt: skip
+
+    threads = max(1, min(torch.get_num_threads(), num_windows // _WINDOWS_PER_THREAD))
+    bounds = [num_windows * t // threads for t in range(threads + 1)]
+    if threads == 1:
+        run(0, num_windows)
+    else:
+        # The extension releases the GIL: the threads pool disjoint rows of ``out`` at once.
+        list(_executor(threads).map(run, bounds[:-1], bounds[1:]))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _steps(levels: Tuple[int, ...]) -> List[Tuple[int, int, int, int, int]]:
+    """The plan csrc/window_pool.c follows per window: ``(kind, n, first bin, source's first
+    bin, q)`` for each base level (pooled from the map), then each derived level finer first
+    (the max of ``q x q`` groups of its source's bins: ``window_pool_table.pyramid_plan``), then
+    each repeated level (a copy of its first occurrence). Every bin is written by one step."""
+    base, sources = pyramid_plan(levels)
+    starts = level_starts(levels)
+    steps = [(_BASE, n, starts[n], 0, 0) for n in base]
+    for m in sorted(sources, reverse=True):
+        n = sources[m]
+        steps.append((_DERIVED, m, starts[m], starts[n], n // m))
+    pos = 0
+    for n in levels:
+        if pos != starts[n]:
+            steps.append((_COPY, n, pos, starts[n], 0))
+        pos += n * n
+    return steps
+
+
+_executor_lock = threading.Lock()
+_executors: dict = {}
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    """One pool of ``threads`` worker threads per process, made on first use (keyed by the
+    process too: a forked child, e.g. a data-loader worker, has none of its parent's threads)."""
+    key = (os.getpid(), threads)
+    with _executor_lock:
+        if key not in _executors:
+            _executors[key] = ThreadPoolExecutor(threads, thread_name_prefix="spp-pool")
+        return _executors[key]
