@@ -312,6 +312,7 @@ def test_pool_integer_maps_match_loop(dtype, backend, monkeypatch):
     # side 1..40, and the windows split over threads.
     gen = torch.Generator().manual_seed(16)
     info = torch.iinfo(dtype)
+    monkeypatch.setattr(window_pool_native, "_BYTES_PER_THREAD", 1)  # split even tiny outputs
     for levels in LEVEL_SETS:
         order = bin_major_order(5, levels)
         for i, (height, width) in enumerate(map_sizes(gen)[::11]):
@@ -323,7 +324,6 @@ def test_pool_integer_maps_match_loop(dtype, backend, monkeypatch):
                 out = pool_windows(fmap, cells, levels, layout=layout)
                 assert out.dtype == dtype and torch.equal(out.double(), expected), (levels, layout)
     if backend == "native":  # the threads' split: one window per thread at the extreme
-        monkeypatch.setattr(window_pool_native, "_WINDOWS_PER_THREAD", 1)
         torch.set_num_threads(2)
         ref = ref_pool(fmap.double(), cells[:3], (6, 3, 2, 1), "bin")
         assert torch.equal(pool_windows(fmap, cells[:3], layout="bin").double(), ref)
@@ -334,8 +334,17 @@ def test_native_pool_is_built_where_ci_requires_it():
     # silent fallback would leave it untested).
     if os.environ.get("SPP_DETECT_REQUIRE_NATIVE_POOL") == "1":
         assert window_pool_native._ext is not None
+    pool = window_pool_native.pool_native
+    fmap, cells = torch.zeros(2, 3, 4, dtype=torch.int8), torch.tensor([[0, 0, 3, 2]])
     with pytest.raises(ValueError, match="signed integer"):
-        window_pool_native.pool_native(torch.zeros(2, 3, 3), torch.zeros(1, 4).long(), (1,), "bin")
+        pool(fmap.float(), cells, (1,), "bin")
+    for bad in ([[0, 0, 4, 2]], [[0, 0, 3, 3]], [[-1, 0, 3, 2]], [[2, 0, 1, 2]], [[0, 2, 3, 1]]):
+        with pytest.raises(ValueError, match="valid ranges on a 3 x 4 map"):
+            pool(fmap, torch.tensor(bad), (1,), "bin")
+    with pytest.raises(ValueError, match="R >= 1"):
+        pool(fmap, cells[:0], (1,), "bin")
+    with pytest.raises(ValueError, match="out must"):
+        pool(fmap, cells, (1,), "bin", out=torch.empty(1, 2))
 
 
 def test_pool_bin_layout_gradient_matches_loop():
@@ -639,7 +648,7 @@ def test_bin_layout_multi_scale_pooling_equals_channel_layout(monkeypatch):
     assert torch.equal(got, want[:, order].bfloat16())
 
 
-def test_bench_pool_variants_are_exact(tmp_path):
+def test_bench_pool_variants_are_exact(tmp_path, backend):
     path = Path(__file__).resolve().parents[1] / "tools" / "bench_pool.py"
     spec = importlib.util.spec_from_file_location("bench_pool", path)
     bench = importlib.util.module_from_spec(spec)
@@ -648,9 +657,12 @@ def test_bench_pool_variants_are_exact(tmp_path):
     argv = "--variants --channels 8 --windows 60 --warmup 0 --repeats 1 --threads 1".split()
     args = bench.get_args_parser().parse_args(argv + ["--baseline", str(baseline)])
     result = bench.main(args)["variants"]
-    # The layout/dtype variants, the baseline and test.fast_head=int8map's int8 pooling.
-    assert len(result["exact"]) == len(bench.VARIANTS) + 2 and all(result["exact"].values())
-    assert set(result["ms"]["1"]) == set(result["cpu_ms"]["1"]) and len(result["ms"]["1"]) == 10
+    # The layout/dtype variants and test.fast_head=int8map's int8 pooling (each also by the
+    # tensor method where the compiled one is on), and the baseline.
+    pooled = (len(bench.VARIANTS) + 1) * (2 if backend == "native" else 1)
+    assert len(result["exact"]) == pooled + 1 and all(result["exact"].values())
+    assert set(result["ms"]["1"]) == set(result["cpu_ms"]["1"])
+    assert len(result["ms"]["1"]) == pooled + 5  # + tables and output-write bounds, 2 dtypes
 
 
 @pytest.mark.cuda

@@ -14,7 +14,8 @@ which round differently from the exact rule now and then; the agreement check re
 copies use: ``layout="bin"`` into the head's dtype) beside its fixed part (sparse table and
 corner rows) and the memory-bandwidth bound (writing an output-sized buffer once), all taking
 turns in every repeat, at each thread count given; each variant's output is checked against
-the channel-layout float32 one (permuted and rounded).
+the channel-layout float32 one (permuted and rounded). Where the compiled CPU pooling is built
+(``window_pool_native.py``), each variant is also timed by the tensor method (``[tensor]``).
 
 On a machine shared with other busy processes, libgomp's spinning threads make every parallel
 op wait for a descheduled thread: many-op code such as pool_windows slows down by 10x or more
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch
 from torchvision.ops import roi_pool
 
 from spp_detect.modeling.window_pool import pool_windows, project_windows
+from spp_detect.modeling.window_pool_native import native_pool_available
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -183,18 +186,25 @@ def _variant_fns(fmap: torch.Tensor, cells: torch.Tensor, levels, baseline) -> t
         fns["baseline channel float32"] = lambda: old.pool_windows(
             maps[torch.float32], cells, levels
         )
-    for name, lay, m, dt in VARIANTS:
-        fm = maps[m]
-        fns[name] = lambda fm=fm, lay=lay, dt=dt: pool_windows(
-            fm, cells, levels, layout=lay, dtype=dt
-        )
     from spp_detect.modeling.fast_head import quantize_map
 
+    pooling = {
+        name: lambda fm=maps[m], lay=lay, dt=dt: pool_windows(
+            fm, cells, levels, layout=lay, dtype=dt
+        )
+        for name, lay, m, dt in VARIANTS
+    }
     # test.fast_head=int8map: the float32 map quantised once, pooled in int8.
     int8_name = "bin, float32 map -> int8 map (int8map)"
-    fns[int8_name] = lambda: pool_windows(
+    pooling[int8_name] = lambda: pool_windows(
         quantize_map(maps[torch.float32])[0], cells, levels, layout="bin"
     )
+    # Each by the compiled loop (window_pool_native.py) where it is built, and by the tensor
+    # method it falls back to.
+    methods = {"": "1"} if not native_pool_available() else {"": "1", " [tensor]": "0"}
+    for name, fn in pooling.items():
+        for suffix, native in methods.items():
+            fns[name + suffix] = lambda fn=fn, native=native: _with_native(native, fn)
     for dt, fm in maps.items():
         fns[f"table + corner rows, {str(dt)[6:]} map"] = lambda fm=fm: table(fm)
         fns[f"write output once, {str(dt)[6:]} (bound)"] = lambda dt=dt: torch.empty(
@@ -206,8 +216,25 @@ def _variant_fns(fmap: torch.Tensor, cells: torch.Tensor, levels, baseline) -> t
     want["baseline channel float32"] = ref
     scale = quantize_map(maps[torch.float32])[1]
     want[int8_name] = torch.round(ref[:, order] / scale).clamp(-127, 127).to(torch.int8)
-    exact = {name: bool(torch.equal(fns[name](), want[name])) for name in fns if name in want}
+    exact = {
+        name: bool(torch.equal(fns[name](), want[name.replace(" [tensor]", "")]))
+        for name in fns
+        if name.replace(" [tensor]", "") in want
+    }
     return fns, exact
+
+
+def _with_native(native: str, fn):
+    """``fn()`` with the compiled pooling on ("1") or off ("0"): SPP_DETECT_NATIVE_POOL."""
+    before = os.environ.get("SPP_DETECT_NATIVE_POOL")
+    os.environ["SPP_DETECT_NATIVE_POOL"] = native
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["SPP_DETECT_NATIVE_POOL"]
+        else:
+            os.environ["SPP_DETECT_NATIVE_POOL"] = before
 
 
 def pool_variants(fmap: torch.Tensor, cells: torch.Tensor, args: argparse.Namespace) -> dict:

@@ -26,11 +26,9 @@ How :func:`pool_windows` avoids a loop over windows (all bins of all windows in 
 3. Fewer gathers. A bin whose height (width) is a power of two is covered by one block row
    (column), so it needs 2 or 1 of its 4 corners: 1.66 gathers per bin instead of 4 for
    proposal-like windows (``window_pool_table.CornerPlan``).
-4. On the CPU the windows are processed in chunks whose gather buffer stays in the cache;
-   allocating one buffer for all gathered values costs several times more (page faults and
-   memory traffic) than the gathers themselves. Each chunk's bins go straight into its rows of
-   the preallocated result. In the ``"bin"`` layout that is all; the SPP layer's ``(C, n, n)``
-   layout costs one more transposing copy per level (docs/pooling.md).
+4. On the CPU the windows go in chunks whose gather buffer stays in the cache (one buffer for
+   all costs several times more than the gathers), straight into their rows of the result; the
+   SPP layer's ``(C, n, n)`` layout costs one more transposing copy per level (docs/pooling.md).
 5. Maps without negative values (conv5 after its ReLU) are pooled through their bit patterns
    as integers, which order alike and need no conversion to compare.
 6. Gradient: the backward sends each bin's gradient to its maximal cell, found by pooling the
@@ -64,14 +62,11 @@ from .window_pool_native import SIGNED_INTS, native_pool_available, pool_native
 
 __all__ = ["POOLED_LAYOUTS", "project_windows", "pool_windows", "bin_major_order"]
 
-# Bytes of the per-chunk gather buffer on the CPU (room for 4 row gathers per base bin, of which
-# ~40% are used), small enough to stay in cache. CPU time of 2000 windows on a 256 x 43 x 57 map
-# in the bin layout, float32 / bfloat16, 1 thread (2-core EPYC, 32 MiB L3, busy machine, median
-# of 7): 1 MiB 86 / 48 ms, 2 MiB 68 / 39, 4 MiB 61 / 35, 8 MiB 63 / 36, 16 MiB 70 / 38.
+# Bytes of the per-chunk gather buffer on the CPU, small enough to stay in cache. 2000 windows,
+# 256 x 43 x 57 map, bin layout, float32, 1 thread: 1 MiB 86 ms, 2 MiB 68, 4 MiB 61, 16 MiB 70.
 _CHUNK_BYTES = 4 << 20
-# Up to this many windows are pooled one by one (``_pool_each``): 6 windows of a 112 x 43 x 57
-# map took 25 ms that way and 387 ms through the table (busy machine; the table costs the same
-# for 6 windows as for 64).
+# Up to this many windows are pooled one by one (``_pool_each``) when the compiled loop is not
+# built: 6 windows of a 112 x 43 x 57 map took 25 ms that way and 387 ms through the table.
 _FEW_WINDOWS = 16
 
 

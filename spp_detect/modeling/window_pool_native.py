@@ -38,8 +38,10 @@ __all__ = ["SIGNED_INTS", "native_pool_available", "pool_native"]
 SIGNED_INTS = (torch.int8, torch.int16, torch.int32, torch.int64)
 # Step kinds of csrc/window_pool.c's plan.
 _BASE, _DERIVED, _COPY = 0, 1, 2
-# Fewer windows than this per thread are not worth a thread's start-up (~50 us).
-_WINDOWS_PER_THREAD = 64
+# Output bytes per thread: the loop writes ~7 GB/s from one thread, and a second one only pays
+# on big outputs. 1,500 ZF-5 windows on 2 cores (reused output): int8 (19 MB) 2.65 ms on 1
+# thread, 2.82 on 2; int32 (77 MB) 12.8 ms on 1, 10.7 on 2.
+_BYTES_PER_THREAD = 32 << 20
 
 
 def native_pool_available() -> bool:
@@ -59,7 +61,8 @@ def pool_native(
 
     Args:
         feature_map (Tensor[C, H, W]): signed integer dtype, on the CPU.
-        cells (LongTensor[R, 4]): valid inclusive cell ranges, ``R >= 1``.
+        cells (LongTensor[R, 4]): inclusive cell ranges ``x1, y1, x2, y2`` on the map,
+            ``R >= 1`` (checked: the C loop reads the map at them).
         levels: checked pyramid levels. layout: ``"channel"`` or ``"bin"``.
         out: contiguous ``Tensor[R, C * sum(n * n)]`` of the map's dtype, or None.
     Returns:
@@ -70,11 +73,21 @@ def pool_native(
             f"pool_native takes a CPU map of a signed integer dtype, got {feature_map.dtype} on "
             f"{feature_map.device}"
         )
-    channels, _, width = feature_map.shape
+    channels, height, width = feature_map.shape
     num_windows = cells.shape[0]
     num_bins = sum(n * n for n in levels)
+    # The C loop trusts its arguments: a range off the map would read outside it.
+    x1, y1, x2, y2 = cells.unbind(1)
+    valid = (x1 >= 0) & (y1 >= 0) & (x1 <= x2) & (y1 <= y2) & (x2 < width) & (y2 < height)
+    if num_windows == 0 or not bool(valid.all()):
+        raise ValueError(
+            f"pool_native: cells must be R >= 1 valid ranges on a {height} x {width} map"
+        )
+    shape = (num_windows, num_bins * channels)
     if out is None:
-        out = feature_map.new_empty((num_windows, num_bins * channels))
+        out = feature_map.new_empty(shape)
+    elif tuple(out.shape) != shape or out.dtype != feature_map.dtype or not out.is_contiguous():
+        raise ValueError(f"pool_native: out must be contiguous {feature_map.dtype} {list(shape)}")
     hwc = feature_map.permute(1, 2, 0).contiguous()  # each cell's C values contiguous
     cells = cells.to(torch.int64).contiguous()
     steps = torch.tensor(_steps(tuple(levels)), dtype=torch.int64)
@@ -86,7 +99,8 @@ def pool_native(
             width * channels,
         )  # fmt: skip
 
-    threads = max(1, min(torch.get_num_threads(), num_windows // _WINDOWS_PER_THREAD))
+    out_bytes = out.numel() * out.element_size()
+    threads = max(1, min(torch.get_num_threads(), num_windows, out_bytes // _BYTES_PER_THREAD))
     bounds = [num_windows * t // threads for t in range(threads + 1)]
     if threads == 1:
         run(0, num_windows)
