@@ -303,6 +303,8 @@ def test_pool_non_negative_maps_match_loop(dtype):
             ref = ref_pool(fmap.double(), cells, (6, 3, 2, 1), layout).to(dtype)
             out = pool_windows(fmap, cells, layout=layout)
             assert out.dtype == dtype and torch.equal(out, ref), (height, width, layout)
+            # a few windows: the compiled loop where it is on, else one by one (_pool_each)
+            assert torch.equal(pool_windows(fmap, cells[:5], layout=layout), ref[:5])
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])

@@ -36,7 +36,7 @@ import torch
 from torchvision.ops import roi_pool
 
 from spp_detect.modeling.window_pool import pool_windows, project_windows
-from spp_detect.modeling.window_pool_native import native_pool_available
+from spp_detect.modeling.window_pool_native import SAME_ORDER_INT, native_pool_available
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -170,7 +170,7 @@ def _variant_fns(fmap: torch.Tensor, cells: torch.Tensor, levels, baseline) -> t
     dim = fmap.shape[0] * sum(n * n for n in levels)
 
     def table(fm):
-        fm = fm.view(wp._SAME_ORDER_INT[fm.dtype]) if bool(fm.min() >= 0) else fm  # as _pool
+        fm = fm.view(SAME_ORDER_INT[fm.dtype]) if bool(fm.min() >= 0) else fm  # as _pool
         base_levels, _ = wpt.pyramid_plan(levels)
         anchors, ka, kb = wpt.bin_corners(cells, base_levels)
         return wpt.corner_rows(anchors, ka, kb, *wpt.build_table(fm, ka, kb)[1:])

@@ -58,7 +58,13 @@ from .window_pool_table import (
     pyramid_plan,
     write_channel_major,
 )
-from .window_pool_native import SIGNED_INTS, native_pool_available, pool_native
+from .window_pool_native import (
+    SAME_ORDER_INT,
+    SIGNED_INTS,
+    native_pool_available,
+    native_takes,
+    pool_native,
+)
 
 __all__ = ["POOLED_LAYOUTS", "project_windows", "pool_windows", "bin_major_order"]
 
@@ -237,8 +243,8 @@ def pool_windows(
     if grad:
         return _PoolWindows.apply(feature_map, cells, levels, layout)
     with torch.no_grad():
-        native = feature_map.device.type == "cpu" and native_pool_available()
-        if cells.shape[0] <= _FEW_WINDOWS and layout == "channel" and out is None and not native:
+        few = cells.shape[0] <= _FEW_WINDOWS and layout == "channel" and out is None
+        if few and not native_takes(feature_map):
             return _pool_each(feature_map, cells, levels)
         return _pool(feature_map, cells, levels, layout, out)
 
@@ -317,17 +323,16 @@ def _pool(
 ) -> Tensor:
     """The pooling itself, without autograd, for any real or integer dtype.
 
-    Per chunk of windows: one gather of the corner rows the chunk's base bins need (see
-    ``window_pool_table.CornerPlan``), their max, the base bins written straight into the
-    chunk's rows of the result (bin layout) or of a small buffer (channel layout, transposed per
-    level afterwards), and the derived levels reduced from their source level there.
+    Integer values on the CPU: the compiled loop. Otherwise, per chunk of windows: one gather
+    of the corner rows its base bins need (``window_pool_table.CornerPlan``), their max into the
+    chunk's rows (or a buffer, transposed for the channel layout), then the derived levels.
 
     Args:
         feature_map (Tensor[C, H, W]), cells (LongTensor[R, 4]) valid, R >= 1, levels checked.
     Returns:
         Tensor[R, C * sum(n * n)] in ``layout``, the map's dtype (``out`` when given).
     """
-    bits = _SAME_ORDER_INT.get(feature_map.dtype)
+    bits = SAME_ORDER_INT.get(feature_map.dtype)
     if bits is not None and bool(feature_map.min() >= 0):
         # Non-negative IEEE floats (conv5 after its ReLU) order like their bit patterns read as
         # signed integers, and integer max needs no conversion: on the CPU it runs 3x faster
@@ -366,15 +371,6 @@ def _pool(
         if work is not None:
             write_channel_major(bins, out[start:stop], levels)
     return out
-
-
-# Signed integer dtype of each float dtype's width (see ``_pool``).
-_SAME_ORDER_INT = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-}
 
 
 def _check_out(out: Tensor, shape: Tuple[int, int], feature_map: Tensor, grad: bool) -> None:

@@ -32,10 +32,16 @@ try:
 except ImportError:  # not built (no C compiler at install time): the table method runs
     _ext = None
 
-__all__ = ["SIGNED_INTS", "native_pool_available", "pool_native"]
+__all__ = [
+    "SAME_ORDER_INT", "SIGNED_INTS", "native_pool_available", "native_takes", "pool_native"
+]  # fmt: skip
 
 # What the compiled loop pools: values compared as signed integers.
 SIGNED_INTS = (torch.int8, torch.int16, torch.int32, torch.int64)
+# Signed integer dtype of each float dtype's width: non-negative IEEE floats order like their bit
+# patterns read as these (``window_pool._pool``).
+SAME_ORDER_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
+                  torch.float16: torch.int16, torch.bfloat16: torch.int16}  # fmt: skip
 # Step kinds of csrc/window_pool.c's plan.
 _BASE, _DERIVED, _COPY = 0, 1, 2
 # Output bytes per thread: the loop writes ~7 GB/s from one thread, and a second one only pays
@@ -48,6 +54,16 @@ def native_pool_available() -> bool:
     """Whether the compiled CPU pooling is built and not switched off
     (``SPP_DETECT_NATIVE_POOL=0``)."""
     return _ext is not None and os.environ.get("SPP_DETECT_NATIVE_POOL", "1") != "0"
+
+
+def native_takes(feature_map: Tensor) -> bool:
+    """Whether ``window_pool._pool`` hands this map to the compiled loop: it is built and on,
+    the map is on the CPU and its values are integers, or floats without negative values
+    (pooled through their bit patterns)."""
+    if not (feature_map.is_cpu and native_pool_available()):
+        return False
+    dtype = feature_map.dtype
+    return dtype in SIGNED_INTS or (dtype in SAME_ORDER_INT and bool(feature_map.min() >= 0))
 
 
 def pool_native(
