@@ -17,6 +17,7 @@ from spp_detect.datasets.toy_shapes import TOY_CLASSES
 from spp_detect.datasets.toy_voc import make_toy_voc
 from spp_detect.datasets.voc import VOCDataset
 from spp_detect.inference import dataset as inference  # not `test_detector`: pytest collects it
+from spp_detect.modeling import window_pool_native
 from spp_detect.modeling.build import build_detector
 from spp_detect.proposals.settings import ProposalSettings
 
@@ -84,6 +85,10 @@ def test_report_schema_and_speedup(toy_root, tmp_path):
     assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "speed.json").read_text())
     assert data == json.loads(json.dumps(report))  # the file is the returned report
+    # which pooling ran: the compiled loop where it is built and on, else the tensor method
+    pooling = "compiled" if window_pool_native.native_pool_available() else "tensor ops"
+    assert data["machine"]["window_pooling"] == pooling
+    assert f"CPU window pooling: {pooling}." in (out / "speed.md").read_text()
 
     methods = data["methods"]
     assert list(methods) == ["spp-1scale", "spp-1scale-svd", "spp-5scale", "rcnn"]

@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..modeling.window_pool_native import native_pool_available
+
 __all__ = ["machine_info", "load_average"]
 
 
@@ -45,6 +47,8 @@ def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "gpu": None,
+        # pool_windows on the CPU: the compiled loop, or its tensor-op fallback (same results)
+        "window_pooling": "compiled" if native_pool_available() else "tensor ops",
     }
     try:
         import cv2

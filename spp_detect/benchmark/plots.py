@@ -96,7 +96,8 @@ def _header(report: Mapping[str, Any]) -> List[str]:
         "",
         f"Machine: {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} cores, "
         f"{machine.get('torch_threads', '?')} torch threads), GPU: {gpu}, "
-        f"torch {machine.get('torch', '?')}; device `{settings.get('device', '?')}`.",
+        f"torch {machine.get('torch', '?')}; device `{settings.get('device', '?')}`; CPU "
+        f"window pooling: {machine.get('window_pooling', '?')}.",
         f"{settings.get('num_images', '?')} images of VOC{settings.get('year', '?')} "
         f"{settings.get('split', '?')}; backbone {settings.get('backbone', '?')} "
         f"({settings.get('backbone_weights', '?')} weights); selective search "
