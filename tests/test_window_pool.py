@@ -3,7 +3,10 @@
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
+import sys
+import types
 from fractions import Fraction
 from math import ceil, floor
 from pathlib import Path
@@ -320,18 +323,35 @@ def test_pool_integer_maps_match_loop(dtype, backend, monkeypatch):
         for i, (height, width) in enumerate(map_sizes(gen)[::11]):
             fmap = torch.randint(info.min, info.max, (5, height, width), generator=gen).to(dtype)
             cells = random_cells(gen, 130, height, width)
-            ref = ref_pool(fmap.double(), cells, levels)
+            ref = ref_pool(fmap.long(), cells, levels)  # exact: int64 maxima
             torch.set_num_threads(1 + i % 2)  # 2 threads: two ranges of windows at once
             for layout, expected in (("channel", ref), ("bin", ref[:, order])):
                 out = pool_windows(fmap, cells, levels, layout=layout)
-                assert out.dtype == dtype and torch.equal(out.double(), expected), (levels, layout)
+                assert out.dtype == dtype and torch.equal(out.long(), expected), (levels, layout)
     if backend == "native":  # the threads' split: one window per thread at the extreme
         torch.set_num_threads(2)
-        ref = ref_pool(fmap.double(), cells[:3], (6, 3, 2, 1), "bin")
-        assert torch.equal(pool_windows(fmap, cells[:3], layout="bin").double(), ref)
+        ref = ref_pool(fmap.long(), cells[:3], (6, 3, 2, 1), "bin")
+        assert torch.equal(pool_windows(fmap, cells[:3], layout="bin").long(), ref)
 
 
-def test_native_pool_is_built_where_ci_requires_it():
+def test_pool_channels_last_and_offset_maps(backend):
+    # A channels-last map is read in place by the compiled loop (no copy): here one image of a
+    # channels-last batch (its storage offset is not 0), and a cropped, strided map.
+    gen = torch.Generator().manual_seed(17)
+    batch = torch.randint(-50, 50, (3, 6, 11, 13), generator=gen, dtype=torch.int8)
+    batch = batch.contiguous(memory_format=torch.channels_last)
+    cells = random_cells(gen, 40, 11, 13)
+    for fmap in (batch[1], batch[2, :, :, :]):
+        ref = ref_pool(fmap.long(), cells, (6, 3, 2, 1), "bin")
+        assert torch.equal(pool_windows(fmap, cells, layout="bin").long(), ref)
+    cropped = batch[0, :, 1:10:2, 2:]  # 5 x 11, strided rows
+    cells = random_cells(gen, 40, 5, 11)
+    for layout in ("channel", "bin"):
+        ref = ref_pool(cropped.long(), cells, (4, 3, 2, 1), layout)
+        assert torch.equal(pool_windows(cropped, cells, (4, 3, 2, 1), layout=layout).long(), ref)
+
+
+def test_native_pool_is_built_and_checks_its_arguments():
     # .ci/run installs with a C compiler: there the compiled pooling must have been built (a
     # silent fallback would leave it untested).
     if os.environ.get("SPP_DETECT_REQUIRE_NATIVE_POOL") == "1":
@@ -347,6 +367,48 @@ def test_native_pool_is_built_where_ci_requires_it():
         pool(fmap, cells[:0], (1,), "bin")
     with pytest.raises(ValueError, match="out must"):
         pool(fmap, cells, (1,), "bin", out=torch.empty(1, 2))
+    # What the C loop must never be given: it would write or read through a bad address.
+    with pytest.raises(ValueError, match="out must"):
+        pool(fmap, cells, (1,), "bin", out=torch.empty(1, 2, dtype=torch.int8, device="meta"))
+    with pytest.raises(ValueError, match="CPU map"):
+        pool(fmap.to("meta"), cells, (1,), "bin")
+    with pytest.raises(ValueError, match="share memory"):
+        hwc = torch.zeros(3, 4, 2, dtype=torch.int8)  # [H, W, C]: the map read in place
+        pool(hwc.permute(2, 0, 1), cells, (1,), "bin", out=hwc.view(-1)[:2].view(1, 2))
+    for levels in ((0, 1), (-1,), ()):
+        with pytest.raises(ValueError, match="levels"):
+            pool(fmap, cells, levels, "bin")
+    for bad_cells in (cells.float(), cells[:, :3], cells[0]):
+        with pytest.raises(ValueError, match="cells must be integer"):
+            pool(fmap, bad_cells, (1,), "bin")
+    with pytest.raises(ValueError, match="layout"):
+        pool(fmap, cells, (1,), "hwc")
+
+
+def test_native_pool_refuses_a_missing_or_stale_build(monkeypatch, caplog):
+    monkeypatch.setattr(window_pool_native, "_ext", None)
+    assert not window_pool_native.native_pool_available()
+    with pytest.raises(ValueError, match="not built"):
+        window_pool_native.pool_native(
+            torch.zeros(2, 3, 4, dtype=torch.int8), torch.tensor([[0, 0, 3, 2]]), (1,), "bin"
+        )
+    monkeypatch.undo()
+    # An in-place build from older C source (ABI mismatch) is not used: a warning, tensor ops.
+    name = "spp_detect.modeling._window_pool"
+    stale = types.ModuleType(name)
+    stale.ABI, stale.__file__ = window_pool_native._ABI - 1, "stale.so"
+    real = sys.modules.get(name)
+    try:
+        monkeypatch.setitem(sys.modules, name, stale)
+        if real is not None:  # ``from . import`` reads the package's attribute first
+            monkeypatch.setattr(sys.modules["spp_detect.modeling"], "_window_pool", stale)
+        with caplog.at_level(logging.WARNING):
+            importlib.reload(window_pool_native)
+        assert window_pool_native._ext is None and "stale build" in caplog.text
+    finally:
+        monkeypatch.undo()
+        importlib.reload(window_pool_native)
+    assert (window_pool_native._ext is None) == (real is None)
 
 
 def test_pool_bin_layout_gradient_matches_loop():

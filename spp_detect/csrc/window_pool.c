@@ -26,13 +26,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(_MSC_VER)
+#define restrict __restrict
+#endif
+
+/* Version of the calling convention of pool() below; window_pool_native.py refuses a build
+   whose ABI differs from the one it was written for (a stale in-place build). */
+#define WINDOW_POOL_ABI 1
+
 /* One step of the pyramid plan (int64 x 5): what to compute, in order. */
 enum { STEP_BASE = 0, STEP_DERIVED = 1, STEP_COPY = 2 };
 
 /* Function multiversioning: the element loops below vectorise for each of these targets and
    the loader picks the best one the CPU has (GCC on x86-64 Linux; elsewhere the default). */
 #if defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && defined(__x86_64__) && \
-    defined(__linux__)
+    defined(__linux__) && defined(__GLIBC__) /* target_clones needs glibc's ifunc */
 #define MULTI_TARGET __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTI_TARGET
@@ -175,4 +183,12 @@ static struct PyModuleDef module = {
     -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__window_pool(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__window_pool(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", WINDOW_POOL_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -17,6 +17,7 @@ method runs: the results are identical.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +26,23 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .spp import check_levels
 from .window_pool_table import level_starts, pyramid_plan
 
+logger = logging.getLogger(__name__)
+
+# Version of csrc/window_pool.c's calling convention; a build in place from an older source
+# (an editable install not rebuilt since) is not used.
+_ABI = 1
 try:
     from . import _window_pool as _ext
 except ImportError:  # not built (no C compiler at install time): the table method runs
+    _ext = None
+if _ext is not None and getattr(_ext, "ABI", None) != _ABI:
+    logger.warning(
+        "%s is a stale build (ABI %s, want %s); window pooling uses tensor ops until it is "
+        "rebuilt (pip install -e .)", _ext.__file__, getattr(_ext, "ABI", None), _ABI
+    )  # fmt: skip
     _ext = None
 
 __all__ = [
@@ -77,36 +90,26 @@ def pool_native(
 
     Args:
         feature_map (Tensor[C, H, W]): signed integer dtype, on the CPU.
-        cells (LongTensor[R, 4]): inclusive cell ranges ``x1, y1, x2, y2`` on the map,
+        cells (Tensor[R, 4]): integer inclusive cell ranges ``x1, y1, x2, y2`` on the map,
             ``R >= 1`` (checked: the C loop reads the map at them).
-        levels: checked pyramid levels. layout: ``"channel"`` or ``"bin"``.
-        out: contiguous ``Tensor[R, C * sum(n * n)]`` of the map's dtype, or None.
+        levels: pyramid levels (bins per side). layout: ``"channel"`` or ``"bin"``.
+        out: contiguous CPU ``Tensor[R, C * sum(n * n)]`` of the map's dtype, or None.
     Returns:
         Tensor[R, C * sum(n * n)] in ``layout`` (``out`` when given).
+    Raises:
+        ValueError: any argument the C loop cannot take (it trusts what it is given), or the
+            extension is not built.
     """
-    if feature_map.dtype not in SIGNED_INTS or feature_map.device.type != "cpu":
-        raise ValueError(
-            f"pool_native takes a CPU map of a signed integer dtype, got {feature_map.dtype} on "
-            f"{feature_map.device}"
-        )
-    channels, height, width = feature_map.shape
-    num_windows = cells.shape[0]
-    num_bins = sum(n * n for n in levels)
-    # The C loop trusts its arguments: a range off the map would read outside it.
-    x1, y1, x2, y2 = cells.unbind(1)
-    valid = (x1 >= 0) & (y1 >= 0) & (x1 <= x2) & (y1 <= y2) & (x2 < width) & (y2 < height)
-    if num_windows == 0 or not bool(valid.all()):
-        raise ValueError(
-            f"pool_native: cells must be R >= 1 valid ranges on a {height} x {width} map"
-        )
-    shape = (num_windows, num_bins * channels)
+    levels = check_levels(levels)
+    cells, shape = _check_args(feature_map, cells, levels, layout, out)
+    channels, _, width = feature_map.shape
+    num_windows, num_bins = cells.shape[0], shape[1] // channels
     if out is None:
         out = feature_map.new_empty(shape)
-    elif tuple(out.shape) != shape or out.dtype != feature_map.dtype or not out.is_contiguous():
-        raise ValueError(f"pool_native: out must be contiguous {feature_map.dtype} {list(shape)}")
     hwc = feature_map.permute(1, 2, 0).contiguous()  # each cell's C values contiguous
-    cells = cells.to(torch.int64).contiguous()
-    steps = torch.tensor(_steps(tuple(levels)), dtype=torch.int64)
+    if _overlap(out, hwc):
+        raise ValueError("pool_native: out must not share memory with the feature map")
+    steps = torch.tensor(_steps(levels), dtype=torch.int64)
 
     def run(first: int, last: int) -> None:
         _ext.pool(
@@ -124,6 +127,52 @@ def pool_native(
         # The extension releases the GIL: the threads pool disjoint rows of ``out`` at once.
         list(_executor(threads).map(run, bounds[:-1], bounds[1:]))
     return out
+
+
+def _check_args(
+    feature_map: Tensor, cells: Tensor, levels: Tuple[int, ...], layout: str, out: Optional[Tensor]
+) -> Tuple[Tensor, Tuple[int, int]]:
+    """``pool_native``'s checks: ``(cells as contiguous CPU int64, the result's shape)``."""
+    if _ext is None:
+        raise ValueError("pool_native: the compiled window pooling is not built (setup.py)")
+    if feature_map.dtype not in SIGNED_INTS or not feature_map.is_cpu:
+        raise ValueError(
+            f"pool_native takes a CPU map of a signed integer dtype, got {feature_map.dtype} on "
+            f"{feature_map.device}"
+        )
+    if feature_map.ndim != 3 or min(feature_map.shape) < 1:
+        raise ValueError(f"pool_native: feature_map must be [C, H, W], got {feature_map.shape}")
+    if layout not in ("channel", "bin"):
+        raise ValueError(f"pool_native: layout must be 'channel' or 'bin', got {layout!r}")
+    if cells.ndim != 2 or cells.shape[1] != 4 or cells.dtype not in SIGNED_INTS:
+        raise ValueError(
+            f"pool_native: cells must be integer [R, 4], got {cells.dtype} {cells.shape}"
+        )
+    channels, height, width = feature_map.shape
+    cells = cells.to("cpu", torch.int64).contiguous()
+    x1, y1, x2, y2 = cells.unbind(1)
+    valid = (x1 >= 0) & (y1 >= 0) & (x1 <= x2) & (y1 <= y2) & (x2 < width) & (y2 < height)
+    if cells.shape[0] == 0 or not bool(valid.all()):
+        raise ValueError(
+            f"pool_native: cells must be R >= 1 valid ranges on a {height} x {width} map"
+        )
+    shape = (cells.shape[0], channels * sum(n * n for n in levels))
+    if out is not None and (
+        tuple(out.shape) != shape
+        or out.dtype != feature_map.dtype
+        or not out.is_cpu
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"pool_native: out must be contiguous CPU {feature_map.dtype} {list(shape)}"
+        )
+    return cells, shape
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two contiguous tensors' bytes overlap."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,6 +197,18 @@ def _steps(levels: Tuple[int, ...]) -> List[Tuple[int, int, int, int, int]]:
 
 _executor_lock = threading.Lock()
 _executors: dict = {}
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: a fresh lock (the parent's might have
+    been held by another thread at the fork) and no executors."""
+    global _executor_lock
+    _executor_lock = threading.Lock()
+    _executors.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
