@@ -18,6 +18,9 @@
  * the SPP layer's "channel" layout (C x n x n per level).
  *
  * The GIL is released during the work, so several threads can pool disjoint ranges of windows.
+ *
+ * After editing, rebuild in place (`pip install -e .`, or `python setup.py build_ext --inplace`);
+ * when pool()'s arguments change, bump WINDOW_POOL_ABI here and _ABI in window_pool_native.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
