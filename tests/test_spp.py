@@ -6,6 +6,7 @@ from math import ceil, floor
 import pytest
 import torch
 
+from spp_detect.modeling import window_pool_native
 from spp_detect.modeling.spp import SpatialPyramidPooling, bin_ranges
 
 LEVEL_SETS = [(6, 3, 2, 1), (4, 3, 2, 1)]
@@ -91,6 +92,35 @@ def test_spp_matches_loop_all_sizes(levels):
             out = spp(x)
             assert out.shape == (2, 2 * spp.num_bins)
             assert torch.equal(out, ref_spp(x, levels)), (height, width)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int32]
+)
+def test_spp_non_negative_and_integer_maps_match_loop(dtype, native, monkeypatch):
+    # conv5 after its ReLU (and integer maps) go to the compiled loop when it is built
+    # (window_pool_native.pool_maps_native: the batch stacked along its height), else to
+    # adaptive_max_pool2d: the same bins either way, checked on every height 1..40.
+    if native == "1" and not window_pool_native.native_pool_available():
+        pytest.skip("the compiled window pooling is not built")
+    if native == "0" and not dtype.is_floating_point:
+        pytest.skip("adaptive_max_pool2d has no integer kernels")
+    monkeypatch.setenv("SPP_DETECT_NATIVE_POOL", native)
+    gen = torch.Generator().manual_seed(2)
+    widths = torch.randint(1, 41, (40,), generator=gen).tolist()
+    for levels in LEVEL_SETS:
+        spp = SpatialPyramidPooling(levels)
+        for height, width in zip(range(1, 41), widths):
+            x = torch.randn(3, 4, height, width, generator=gen).relu()
+            x = (x * 40).to(dtype) if not dtype.is_floating_point else x.to(dtype)
+            out = spp(x)
+            assert out.dtype == dtype and out.shape == (3, 4 * spp.num_bins)
+            assert torch.equal(out, ref_spp(x.double(), levels).to(dtype)), (height, width)
+    x = torch.rand(2, 3, 5, 7, generator=gen, requires_grad=True)  # autograd: not compiled
+    out = SpatialPyramidPooling()(x)
+    assert out.requires_grad and out.grad_fn is not None
+    assert SpatialPyramidPooling()(x.detach()[:0]).shape == (0, 3 * 50)
 
 
 def test_spp_layout_hand_worked():

@@ -26,7 +26,6 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .spp import check_levels
 from .window_pool_table import level_starts, pyramid_plan
 
 logger = logging.getLogger(__name__)
@@ -46,7 +45,8 @@ if _ext is not None and getattr(_ext, "ABI", None) != _ABI:
     _ext = None
 
 __all__ = [
-    "SAME_ORDER_INT", "SIGNED_INTS", "native_pool_available", "native_takes", "pool_native"
+    "SAME_ORDER_INT", "SIGNED_INTS", "native_pool_available", "native_takes", "pool_native",
+    "pool_maps_native",
 ]  # fmt: skip
 
 # What the compiled loop pools: values compared as signed integers.
@@ -100,7 +100,7 @@ def pool_native(
         ValueError: any argument the C loop cannot take (it trusts what it is given), or the
             extension is not built.
     """
-    levels = check_levels(levels)
+    levels = tuple(levels)
     cells, shape = _check_args(feature_map, cells, levels, layout, out)
     channels, _, width = feature_map.shape
     num_windows, num_bins = cells.shape[0], shape[1] // channels
@@ -129,6 +129,30 @@ def pool_native(
     return out
 
 
+def pool_maps_native(maps: Tensor, levels: Tuple[int, ...]) -> Tensor:
+    """The SPP layer (``spp.SpatialPyramidPooling``) on a batch, by the compiled loop: each map
+    is one window of the maps stacked along their height, so no bin crosses into another map.
+
+    Args:
+        maps (Tensor[N, C, H, W]): on the CPU, values ``native_takes`` accepts; ``N >= 1``.
+        levels: pyramid levels.
+    Returns:
+        Tensor[N, C * sum(n * n)] in the maps' dtype, each level flattened as ``(C, n, n)``.
+    """
+    num, channels, height, width = maps.shape
+    # [N * H, W, C]: each cell's channels contiguous, the maps one below the other (one copy).
+    stacked = maps.permute(0, 2, 3, 1).contiguous().view(num * height, width, channels)
+    bits = SAME_ORDER_INT.get(maps.dtype)
+    if bits is not None:  # non-negative floats: their bit patterns (see native_takes)
+        stacked = stacked.view(bits)
+    top = torch.arange(num, dtype=torch.int64) * height
+    cells = torch.stack(
+        [torch.zeros_like(top), top, torch.full_like(top, width - 1), top + height - 1], dim=1
+    )
+    pooled = pool_native(stacked.permute(2, 0, 1), cells, levels, "channel")  # read in place
+    return pooled.view(maps.dtype)
+
+
 def _check_args(
     feature_map: Tensor, cells: Tensor, levels: Tuple[int, ...], layout: str, out: Optional[Tensor]
 ) -> Tuple[Tensor, Tuple[int, int]]:
@@ -142,6 +166,8 @@ def _check_args(
         )
     if feature_map.ndim != 3 or min(feature_map.shape) < 1:
         raise ValueError(f"pool_native: feature_map must be [C, H, W], got {feature_map.shape}")
+    if not levels or not all(isinstance(n, int) and n >= 1 for n in levels):
+        raise ValueError(f"pool_native: levels must be positive ints, got {levels}")
     if layout not in ("channel", "bin"):
         raise ValueError(f"pool_native: layout must be 'channel' or 'bin', got {layout!r}")
     if cells.ndim != 2 or cells.shape[1] != 4 or cells.dtype not in SIGNED_INTS:
