@@ -5,7 +5,7 @@ the CPU the table method of ``window_pool_table.py`` spends most of its time on 
 bookkeeping (dozens of small tensor ops over ~54k base bins for 1,500 windows), not on the
 values; the compiled loop has no index tensors at all: per window it takes each row band's max
 over contiguous runs of ``w * C`` values, then each bin's max over its columns, and reduces
-the coarse levels from the fine ones (docs/speed.md, pooling). It needs values that order like
+the coarse levels from the fine ones (docs/pooling.md). It needs values that order like
 signed integers, which ``window_pool._pool`` arranges (non-negative floats through their bit
 patterns; int8-quantised maps as they are).
 
