@@ -35,7 +35,7 @@
 
 /* Version of the calling convention of pool() below; window_pool_native.py refuses a build
    whose ABI differs from the one it was written for (a stale in-place build). */
-#define WINDOW_POOL_ABI 1
+#define WINDOW_POOL_ABI 2
 
 /* One step of the pyramid plan (int64 x 5): what to compute, in order. */
 enum { STEP_BASE = 0, STEP_DERIVED = 1, STEP_COPY = 2 };
@@ -124,23 +124,22 @@ DEFINE_POOL(int32_t, i32)
 DEFINE_POOL(int64_t, i64)
 
 /* pool(map, width, channels, itemsize, cells, first, last, steps, num_steps, num_bins, out,
- *      channel_layout, band_values)
+ *      channel_layout)
  * Addresses are passed as integers (tensor.data_ptr()); map is [H, W, C] contiguous, cells
  * int64 [R, 4] (x1, y1, x2, y2 inclusive, valid), steps int64 [num_steps, 5], out [R, num_bins
- * * C] contiguous; windows first .. last - 1 are pooled. band_values: room for the widest
- * window's row (W * C values). */
+ * * C] contiguous; windows first .. last - 1 are pooled. Scratch per call: one row band of the
+ * widest possible window (W * C values) and, for the channel layout, one window's bins. */
 static PyObject *pool(PyObject *self, PyObject *args)
 {
     unsigned long long map, cells, steps, out;
-    Py_ssize_t width, channels, itemsize, first, last, num_steps, num_bins, band_values;
+    Py_ssize_t width, channels, itemsize, first, last, num_steps, num_bins;
     int channel_layout;
-    if (!PyArg_ParseTuple(args, "KnnnKnnKnnKin", &map, &width, &channels, &itemsize, &cells,
-                          &first, &last, &steps, &num_steps, &num_bins, &out, &channel_layout,
-                          &band_values))
+    if (!PyArg_ParseTuple(args, "KnnnKnnKnnKi", &map, &width, &channels, &itemsize, &cells,
+                          &first, &last, &steps, &num_steps, &num_bins, &out, &channel_layout))
         return NULL;
-    size_t band_bytes = (size_t)band_values * (size_t)itemsize;
+    size_t band_bytes = (size_t)(width * channels) * (size_t)itemsize;
     size_t bins_bytes = (size_t)(num_bins * channels) * (size_t)itemsize;
-    char *scratch = malloc(band_bytes + bins_bytes + 64);
+    char *scratch = malloc(band_bytes + bins_bytes);
     if (scratch == NULL)
         return PyErr_NoMemory();
     void *band = scratch, *bins = scratch + band_bytes;

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 # Version of csrc/window_pool.c's calling convention; a build in place from an older source
 # (an editable install not rebuilt since) is not used.
-_ABI = 1
+_ABI = 2
 try:
     from . import _window_pool as _ext
 except ImportError:  # not built (no C compiler at install time): the table method runs
@@ -109,13 +109,12 @@ def pool_native(
     hwc = feature_map.permute(1, 2, 0).contiguous()  # each cell's C values contiguous
     if _overlap(out, hwc):
         raise ValueError("pool_native: out must not share memory with the feature map")
-    steps = torch.tensor(_steps(levels), dtype=torch.int64)
+    steps = _steps(levels)
 
     def run(first: int, last: int) -> None:
         _ext.pool(
             hwc.data_ptr(), width, channels, hwc.element_size(), cells.data_ptr(), first, last,
             steps.data_ptr(), steps.shape[0], num_bins, out.data_ptr(), int(layout == "channel"),
-            width * channels,
         )  # fmt: skip
 
     out_bytes = out.numel() * out.element_size()
@@ -202,11 +201,12 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _steps(levels: Tuple[int, ...]) -> List[Tuple[int, int, int, int, int]]:
-    """The plan csrc/window_pool.c follows per window: ``(kind, n, first bin, source's first
-    bin, q)`` for each base level (pooled from the map), then each derived level finer first
-    (the max of ``q x q`` groups of its source's bins: ``window_pool_table.pyramid_plan``), then
-    each repeated level (a copy of its first occurrence). Every bin is written by one step."""
+def _steps(levels: Tuple[int, ...]) -> Tensor:
+    """The plan csrc/window_pool.c follows per window (LongTensor[S, 5], made once per pyramid;
+    read only): ``(kind, n, first bin, source's first bin, q)`` for each base level (pooled
+    from the map), then each derived level finer first (the max of ``q x q`` groups of its
+    source's bins: ``window_pool_table.pyramid_plan``), then each repeated level (a copy of its
+    first occurrence). Every bin is written by one step."""
     base, sources = pyramid_plan(levels)
     starts = level_starts(levels)
     steps = [(_BASE, n, starts[n], 0, 0) for n in base]
@@ -218,7 +218,7 @@ def _steps(levels: Tuple[int, ...]) -> List[Tuple[int, int, int, int, int]]:
         if pos != starts[n]:
             steps.append((_COPY, n, pos, starts[n], 0))
         pos += n * n
-    return steps
+    return torch.tensor(steps, dtype=torch.int64)
 
 
 _executor_lock = threading.Lock()
@@ -238,10 +238,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
-    """One pool of ``threads`` worker threads per process, made on first use (keyed by the
-    process too: a forked child, e.g. a data-loader worker, has none of its parent's threads)."""
-    key = (os.getpid(), threads)
+    """One pool of ``threads`` worker threads per process, made on first use (a forked child
+    starts with none: ``_after_fork_in_child``)."""
     with _executor_lock:
-        if key not in _executors:
-            _executors[key] = ThreadPoolExecutor(threads, thread_name_prefix="spp-pool")
-        return _executors[key]
+        if threads not in _executors:
+            _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="spp-pool")
+        return _executors[threads]
